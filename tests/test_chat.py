@@ -1,0 +1,50 @@
+"""Chat encoding: the labels a model trains on and the traps around BOS/EOS."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmops import chat
+from llmops.modeling import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(base_model_dir):
+    return load_tokenizer(base_model_dir)
+
+
+def test_labels_cover_exactly_assistant_replies_and_end_of_turn(tok):
+    eot = chat.end_of_turn_id(tok)
+    assert tok.convert_ids_to_tokens(eot) == "<|im_end|>"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is DVC?"},
+            {"role": "assistant", "content": "Data Version Control."}, {"role": "user", "content": "그리고 MLflow는?"},
+            {"role": "assistant", "content": "실험 추적 도구입니다."}]
+    enc = chat.encode(tok, msgs, eot)
+    trained = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100])
+    assert trained == "Data Version Control.<|im_end|>실험 추적 도구입니다.<|im_end|>"
+    assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[1] != tok.bos_token_id
+    assert tok.decode(enc.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
+
+
+def test_prompt_ids_match_serving_render(tok):
+    msgs = [{"role": "user", "content": "hi"}]
+    ids = chat.prompt_ids(tok, msgs)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    assert ids == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_double_bos_template_is_rejected(tok):
+    class DoubleBos:
+        bos_token_id = tok.bos_token_id
+        all_special_ids = tok.all_special_ids
+        eos_token_id = tok.eos_token_id
+
+        def apply_chat_template(self, messages, **kw):
+            return "<|im_start|>" + tok.apply_chat_template(messages, **kw)
+
+        def __call__(self, text, **kw):
+            return tok(text, **kw)
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(chat.ChatFormatError, match="doubled_bos"):
+        chat.encode(DoubleBos(), msgs, chat.end_of_turn_id(tok))

@@ -1,0 +1,107 @@
+"""params.yaml validation and dvc.yaml consistency: the edge every stage goes through."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+import yaml
+
+from llmops import config
+from tests.conftest import ROOT, repo_params
+
+ALL = ("base", "preprocess", "synthetic", "train", "merge", "evaluate", "package", "serve")
+
+
+def test_repo_params_are_valid():
+    p = config.load(ROOT / "params.yaml", *ALL)
+    assert p.seed == repo_params()["seed"]
+    assert p.train.lr == pytest.approx(float(repo_params()["train"]["lr"]))
+    assert p.preprocess.sources and all(s.format in ("auto", "messages", "sharegpt", "alpaca") for s in p.preprocess.sources)
+
+
+def test_every_problem_reported_at_once_with_key_names():
+    raw = repo_params()
+    raw["train"]["lr"] = "fast"
+    raw["train"]["epochs"] = -1
+    raw["preprocess"]["val_frac"] = 0.7
+    raw["preprocess"]["colour"] = "blue"
+    del raw["base"]["model"]
+    with pytest.raises(config.ParamsError) as e:
+        config.validate(raw, ("base", "preprocess", "train"))
+    msg = str(e.value)
+    assert "5 problem(s)" in msg and "\n" not in msg
+    for key in ("train.lr", "train.epochs", "preprocess.val_frac", "preprocess.colour: unknown key", "base.model: missing"):
+        assert key in msg
+
+
+@pytest.mark.parametrize(
+    "dotted, value, expect",
+    [
+        ("seed", -3, "seed: expected a non-negative integer"),
+        ("seed", True, "seed: expected a non-negative integer"),
+        ("train.lora_r", 8.5, "train.lora_r: expected an integer"),
+        ("train.packing", "yes", "train.packing: expected true or false"),
+        ("train.method", "full", "train.method: 'full' is not one of"),
+        ("preprocess.sources", "data/raw", "preprocess.sources: expected a list"),
+        ("preprocess.max_rejected_frac", 1.5, "preprocess.max_rejected_frac: 1.5 must be <= 1.0"),
+        ("serve.port", 70000, "serve.port: 70000 must be <= 65535"),
+    ],
+)
+def test_bad_values_name_the_key(dotted, value, expect):
+    raw = repo_params()
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for k in parents:
+        node = node[k]
+    node[leaf] = value
+    with pytest.raises(config.ParamsError, match=re.escape(expect)):
+        config.validate(raw, ALL)
+
+
+def test_unknown_section_and_string_numbers():
+    raw = repo_params()
+    raw["trian"] = {"lr": 1}
+    with pytest.raises(config.ParamsError, match="trian: unknown top-level section"):
+        config.validate(raw, ("train",))
+    del raw["trian"]
+    raw["train"]["lr"] = "1e-4"  # what YAML makes of 1e-4 (and what `dvc exp run -S train.lr=1e-4` writes)
+    assert config.validate(raw, ("train",)).train.lr == pytest.approx(1e-4)
+
+
+def test_missing_and_broken_params_file(tmp_path):
+    with pytest.raises(config.ParamsError, match="not found"):
+        config.load(tmp_path / "nope.yaml", "base")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(config.ParamsError, match="not valid YAML"):
+        config.load(bad, "base")
+
+
+def _imports(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "llmops":
+            mods |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmops."):
+            mods.add(node.module.split(".")[1])
+    return mods
+
+
+def test_dvc_stages_declare_their_code_and_params():
+    """Every stage lists its own script and each llmops module it imports, and reads only declared params."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        script = ROOT / "stages" / f"{name}.py"
+        assert stage["cmd"].startswith(f"python -m stages.{name}"), name
+        deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+        assert f"stages/{name}.py" in deps, f"{name}: its own script is not a dep"
+        if script.exists():
+            # llmops.log is exempt: logging never changes an output, so it must not invalidate the cache.
+            for mod in _imports(script) - {"log"}:
+                assert f"llmops/{mod}.py" in deps, f"{name}: imports llmops.{mod} but does not list llmops/{mod}.py"
+        for out in stage.get("outs", []):
+            key = out if isinstance(out, str) else next(iter(out))
+            assert key.startswith("${paths."), f"{name}: out {key} is not declared in params.yaml paths"
