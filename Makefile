@@ -24,11 +24,12 @@ $(STAMP): requirements.txt requirements-$(VLLM_FLAVOUR).txt
 	$(BIN)/python -c "import torch, transformers, peft, dvc, vllm; print('env ok: torch', torch.__version__)"
 	touch $@
 
+# dvc.yaml commands say `python`: put the venv first on PATH so they use it.
 pipeline: install
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
