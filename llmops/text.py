@@ -8,6 +8,7 @@ import re
 
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 LETTER = re.compile(r"[A-Za-z\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+CODE = re.compile(r"```.*?```|`[^`]*`", re.S)
 
 
 def detect_lang(text: str, ko_share: float = 0.2) -> str:
@@ -16,10 +17,10 @@ def detect_lang(text: str, ko_share: float = 0.2) -> str:
     Korean MLOps text is full of English terms (DVC, LoRA, `kubectl`), so a plain majority vote
     would call much of it English; 20% Hangul letters is already unmistakably Korean prose.
     """
-    letters = LETTER.findall(text)
+    letters = LETTER.findall(CODE.sub(" ", text))  # commands and flags are English in any language
     if not letters:
         return "en"
-    return "ko" if len(HANGUL.findall(text)) / len(letters) >= ko_share else "en"
+    return "ko" if sum(1 for c in letters if HANGUL.match(c)) / len(letters) >= ko_share else "en"
 
 
 def conversation_lang(messages: list[dict]) -> str:

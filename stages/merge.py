@@ -1,0 +1,208 @@
+"""merge: fold the LoRA adapter into 16-bit weights → a plain HF model folder that vLLM serves.
+
+    python -m stages.merge [--params params.yaml]
+
+Never merges into the 4-bit model: merging there re-quantizes W+BA to nf4, the most reported cause of
+"the merged model is worse than the adapter". `merge.base_weights` picks the 16-bit weights:
+  original     the base's own W16 weights (default);
+  dequantized  the base quantized to nf4 as in training and dequantized back: the weights the adapter saw.
+The merged folder is saved to a staging dir, reloaded from disk (what is checked is what ships) and its
+logits are compared on the first `merge.parity_samples` val rows, at assistant positions (the positions
+that predict an assistant token, i.e. where the loss is taken), with:
+  unmerged  the same 16-bit base + the adapter as a side branch: only rounding may differ, so this catches a
+            broken merge or save (thresholds merge.max_logit_abs_diff, merge.max_kl);
+  trained   the nf4 base + adapter that training ran (qlora only): also differs by the nf4 quantization error
+            when base_weights=original (thresholds merge.*_vs_trained).
+Figures go to `paths.merge_metrics`; past a threshold the stage fails and `paths.merged_dir` is not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from llmops import chat, config, io, log, modeling
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_provenance.json")
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+def read_adapter(adapter_dir: Path, base_dir: Path) -> dict:
+    """The adapter's train provenance, after checking the contract files and that it was trained on this base."""
+    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).exists()]
+    if missing:
+        raise MergeError(f"{adapter_dir}: missing {', '.join(missing)} (run the train stage first)")
+    prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
+    base_prov = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8"))
+    if prov.get("base_provenance") != base_prov:
+        raise MergeError(f"{adapter_dir} was trained on another base than {base_dir} (provenance differs); rerun train")
+    return prov
+
+
+def load_base16(base_dir: Path, base_weights: str, method: str, compute_dtype: str, dtype: str):
+    """The 16-bit base to merge into: W16 as shipped, or nf4-quantized then dequantized to `dtype`."""
+    if base_weights == "original":
+        return modeling.load_model(base_dir, quantize_4bit=False, dtype=dtype)
+    if method != "qlora":
+        raise MergeError("merge.base_weights=dequantized needs a qlora adapter (this one trained on 16-bit weights)")
+    model = modeling.load_model(base_dir, quantize_4bit=True, dtype=compute_dtype)
+    return model.dequantize(dtype=modeling.torch_dtype(dtype))
+
+
+def with_adapter(model, adapter_dir: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def merge_adapter(base, adapter_dir: Path):
+    """W16 + scale·BA in place (safe_merge refuses NaN/inf results); returns the plain transformers model."""
+    return with_adapter(base, adapter_dir).merge_and_unload(safe_merge=True)
+
+
+def save_merged(model, tokenizer, eot_id: int, out: Path) -> list[int]:
+    """safetensors + tokenizer/template + a generation config whose eos ids include end-of-turn."""
+    gen = model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    gen.eos_token_id = sorted({e for e in eos if e is not None} | {eot_id})
+    if gen.pad_token_id is None:
+        gen.pad_token_id = eot_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return gen.eos_token_id
+
+
+def parity_samples(rows: list[dict], tokenizer, eot_id: int, n: int) -> list[chat.Encoded]:
+    if not rows:
+        raise MergeError("the val split is empty: no rows for the parity check")
+    return [chat.encode(tokenizer, r["messages"], eot_id) for r in rows[:n]]
+
+
+@torch.inference_mode()
+def assistant_logits(model, samples: list[chat.Encoded], desc: str) -> list[torch.Tensor]:
+    """float32 logits at the positions that predict assistant tokens, one [n_pos, vocab] tensor per sample."""
+    device = next(model.parameters()).device
+    out = []
+    for enc in tqdm(samples, desc=desc, leave=False):
+        logits = model(input_ids=torch.tensor([enc.input_ids], device=device)).logits[0, :-1]
+        mask = torch.tensor(enc.labels[1:], device=device) != chat.IGNORE_INDEX
+        out.append(logits[mask].float().cpu())
+    return out
+
+
+def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
+    """|Δ logit| max/mean, mean KL(ref ‖ got) per position, top-1 agreement: all over assistant positions."""
+    n = sum(r.shape[0] for r in ref)
+    abs_sum = kl_sum = agree = 0.0
+    abs_max = 0.0
+    for r, g in zip(ref, got, strict=True):
+        d = (r - g).abs()
+        abs_max, abs_sum = max(abs_max, d.max().item()), abs_sum + d.mean(-1).sum().item()
+        lr, lg = torch.log_softmax(r, -1), torch.log_softmax(g, -1)
+        kl_sum += (lr.exp() * (lr - lg)).sum(-1).clamp_min(0).sum().item()
+        agree += (r.argmax(-1) == g.argmax(-1)).sum().item()
+    return {
+        "max_logit_abs_diff": abs_max,
+        "mean_logit_abs_diff": abs_sum / n,
+        "mean_kl": kl_sum / n,
+        "top1_agreement": agree / n,
+    }
+
+
+def check(figures: dict[str, float], max_abs: float, max_kl: float, what: str, suffix: str = "") -> list[str]:
+    """Threshold failures as messages naming the param; `not x <= t` also fails on NaN."""
+    fails = []
+    if not figures["max_logit_abs_diff"] <= max_abs:
+        fails.append(
+            f"{what}: max |Δlogit| {figures['max_logit_abs_diff']:.4g} > merge.max_logit_abs_diff{suffix} {max_abs}"
+        )
+    if not figures["mean_kl"] <= max_kl:
+        fails.append(f"{what}: mean KL {figures['mean_kl']:.4g} > merge.max_kl{suffix} {max_kl}")
+    return fails
+
+
+def main(params_file: str = "params.yaml") -> dict:
+    p = config.load(params_file, "merge")
+    m, paths = p.merge, p.paths
+    logger = log.get("merge")
+    base_dir, adapter_dir = Path(paths.base_dir), Path(paths.adapter_dir)
+    prov = read_adapter(adapter_dir, base_dir)
+    method, compute_dtype = prov["method"], prov["compute_dtype"]
+    dtype = prov["base_provenance"].get("dtype", "bfloat16")  # merged weights keep the base's 16-bit dtype
+    tokenizer = modeling.load_tokenizer(adapter_dir)  # the tokenizer + template training used
+    eot = prov["eot_id"]
+    samples = parity_samples(io.read_jsonl(Path(paths.processed_dir) / "val.jsonl"), tokenizer, eot, m.parity_samples)
+    torch.manual_seed(p.seed)
+    logger.info("merge", method=method, base_weights=m.base_weights, dtype=dtype, parity_samples=len(samples))
+
+    def logits_of(load, desc: str) -> list[torch.Tensor]:
+        model = load()  # one model in memory at a time: a GPU box holds one 16-bit 8B copy, not three
+        out = assistant_logits(model, samples, desc)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return out
+
+    base16 = lambda: load_base16(base_dir, m.base_weights, method, compute_dtype, dtype)  # noqa: E731
+    with io.atomic_dir(paths.merged_dir) as staging:
+        eos = save_merged(merge_adapter(base16(), adapter_dir), tokenizer, eot, staging)
+        got = logits_of(lambda: modeling.load_model(staging, quantize_4bit=False, dtype=dtype).eval(), "merged")
+        figures = {"vs_unmerged": compare(logits_of(lambda: with_adapter(base16(), adapter_dir), "unmerged"), got)}
+        fails = check(figures["vs_unmerged"], m.max_logit_abs_diff, m.max_kl, "merged vs unmerged")
+        if method == "qlora":
+            nf4 = lambda: modeling.load_model(base_dir, quantize_4bit=True, dtype=compute_dtype)  # noqa: E731
+            figures["vs_trained"] = compare(logits_of(lambda: with_adapter(nf4(), adapter_dir), "4-bit+adapter"), got)
+            fails += check(
+                figures["vs_trained"],
+                m.max_logit_abs_diff_vs_trained,
+                m.max_kl_vs_trained,
+                "merged vs 4-bit+adapter (trained)",
+                "_vs_trained",
+            )
+        metrics = {
+            **figures,
+            "positions": "assistant",
+            "n_samples": len(samples),
+            "n_positions": sum(g.shape[0] for g in got),
+            "passed": not fails,
+        }
+        io.write_json(paths.merge_metrics, metrics)
+        logger.info("parity", **{f"{k}.{kk}": round(v, 6) for k, f in figures.items() for kk, v in f.items()})
+        if fails:
+            raise MergeError(
+                "parity check failed: " + "; ".join(fails) + f"; {paths.merged_dir} left untouched"
+                f" (figures in {paths.merge_metrics})"
+            )
+        io.write_json(
+            staging / "merge_provenance.json",
+            {
+                "method": method,
+                "base_weights": m.base_weights,
+                "dtype": dtype,
+                "eos_token_id": eos,
+                "adapter_files": {f.name: io.sha256_file(f) for f in sorted(adapter_dir.iterdir()) if f.is_file()},
+                "train_provenance": prov,
+            },
+        )
+    logger.info("done", out=paths.merged_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    try:
+        main(args.params)
+    except (config.ParamsError, MergeError, FileNotFoundError) as e:
+        sys.exit(f"merge: error: {e}")

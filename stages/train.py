@@ -1,0 +1,497 @@
+"""train: (Q)LoRA fine-tuning of the base model on processed + synthetic train rows → a peft adapter.
+
+    python -m stages.train [--params params.yaml]
+    accelerate launch --config_file configs/accelerate_ddp_cpu.yaml -m stages.train     # DDP, 2 CPU procs (gloo)
+    accelerate launch --config_file configs/accelerate_fsdp_qlora.yaml -m stages.train  # multi-GPU QLoRA (FSDP)
+
+transformers' Trainer does the loop (eval, checkpoints, resume, early stopping, DDP through accelerate).
+What is ours: rows are encoded with the base model's chat template (loss on assistant tokens + end-of-turn
+only), then grouped into micro-batches of at most `train.tokens_per_batch` real tokens. With `packing: true`
+a micro-batch is one flat row with position ids restarting per example (padding-free, as transformers'
+DataCollatorWithFlattening): attention never crosses examples and no pad token is computed.
+Resume: checkpoints go to `<checkpoint_dir>/<run key>/` (key = hash of params, base model and data), so
+after a kill the next run continues from the last complete checkpoint; a run with other params/data wipes
+them. Outputs: the adapter (`paths.adapter_dir`, with tokenizer + train_provenance.json), `paths.train_metrics`
+and the per-step `paths.train_curve`. Tracking: one MLflow run (MLFLOW_TRACKING_URI, else `paths.mlflow_uri`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io as stdio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from llmops import chat, config, io, log, modeling
+
+CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "lr", "tokens_per_s")
+logger = log.get("train")
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- data
+
+
+def encode_rows(rows: list[dict], tokenizer, eot_id: int, max_len: int) -> list[dict]:
+    """Chat-template encode; loss only on assistant replies (+ their end-of-turn token)."""
+    out = []
+    for r in rows:
+        try:
+            enc = chat.encode(tokenizer, r["messages"], eot_id, max_len)
+        except chat.ChatFormatError as e:
+            raise TrainError(f"row {r.get('id')} ({r.get('source')}): {e}; rerun preprocess/synthetic") from None
+        out.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return out
+
+
+def make_batches(examples: list[dict], tokens_per_batch: int, packing: bool, seed: int | None) -> list[dict]:
+    """Group examples (shuffled with `seed`, in order if None) into micro-batches under a token budget.
+
+    Packed: the sum of lengths ≤ budget. Padded: (examples × longest) ≤ budget, so both modes spend
+    about the same memory per micro-batch. Each batch is one Trainer "sample" (batch size 1).
+    """
+    order = list(range(len(examples)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > tokens_per_batch:
+            raise TrainError(f"an example has {n} tokens > train.tokens_per_batch={tokens_per_batch}")
+        cost = sum(len(examples[j]["input_ids"]) for j in cur) + n if packing else (len(cur) + 1) * max(longest, n)
+        if cur and cost > tokens_per_batch:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return [{"examples": [examples[i] for i in b]} for b in batches]
+
+
+class Collator:
+    """Packed: one flat row + per-example position ids, no attention mask (so transformers builds a
+    block-diagonal causal mask from the position ids). Padded: right-padded rows + attention mask."""
+
+    def __init__(self, packing: bool, pad_id: int):
+        from transformers import DataCollatorWithFlattening
+
+        self.packing, self.pad_id = packing, pad_id
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True)
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        feats = [ex for item in batch for ex in item["examples"]]
+        if self.packing:
+            return self.flatten(feats)
+        width = max(len(f["input_ids"]) for f in feats)
+        pad = [width - len(f["input_ids"]) for f in feats]
+        return {
+            "input_ids": torch.tensor([f["input_ids"] + [self.pad_id] * p for f, p in zip(feats, pad)]),
+            "labels": torch.tensor([f["labels"] + [chat.IGNORE_INDEX] * p for f, p in zip(feats, pad)]),
+            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(feats, pad)]),
+        }
+
+
+def run_key(t: config.Train, seed: int, max_seq_len: int, base_dir: Path, data_files: list[Path], world: int) -> str:
+    """Checkpoints are resumable only by a run with the same params, base model, data and process count."""
+    h = hashlib.sha256()
+    prov = base_dir / "provenance.json"
+    blob = {
+        "train": config.asdict(t),
+        "seed": seed,
+        "max_seq_len": max_seq_len,
+        "world": world,
+        "base": prov.read_text() if prov.exists() else str(base_dir),
+    }
+    h.update(json.dumps(blob, sort_keys=True, default=str).encode())
+    for f in data_files:
+        h.update(io.sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint-N that was fully written (trainer_state.json is saved last); partial ones go."""
+    done = []
+    for c in run_dir.glob("checkpoint-*"):
+        if (c / "trainer_state.json").exists():
+            done.append(c)
+        else:
+            shutil.rmtree(c, ignore_errors=True)  # killed mid-save
+    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+# ---------------------------------------------------------------- tracking
+
+
+def mlflow_start(paths: config.Paths, experiment: str, run_dir: Path, params: dict) -> str | None:
+    """Start (or, on resume, reopen) the MLflow run; None = tracking off. An explicitly set
+    MLFLOW_TRACKING_URI that does not answer is an error before training; the default store only warns."""
+    explicit = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit or paths.mlflow_uri
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall every step
+    try:
+        if uri.startswith(("http://", "https://")):
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        tags = {"mlflow.source.name": "stages/train.py"}
+        if exp := os.environ.get("DVC_EXP_NAME"):
+            tags["dvc_exp_name"] = exp
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        if rev.returncode == 0:
+            tags["git_rev"] = rev.stdout.strip()
+        id_file = run_dir / "mlflow_run_id"
+        prev = id_file.read_text().strip() if id_file.exists() else None
+        run = mlflow.start_run(run_id=prev) if prev else mlflow.start_run(run_name=run_dir.name, tags=tags)
+        if not prev:
+            mlflow.log_params(params)
+            io.write_text(id_file, run.info.run_id)
+        return run.info.run_id
+    except Exception as e:
+        if explicit:
+            raise TrainError(
+                f"MLFLOW_TRACKING_URI={explicit} is unreachable or refused the run: {type(e).__name__}: {e}"
+            ) from None
+        logger.warning("mlflow_off", uri=uri, error=f"{type(e).__name__}: {e}")
+        return None
+
+
+def callbacks(run_id: str | None, patience: int) -> list:
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class StepLog(TrainerCallback):
+        """Adds per-step real tokens/s to the log history (checkpointed, so the curve survives a resume)
+        and mirrors metrics to MLflow; an MLflow failure turns tracking off, never the training."""
+
+        def __init__(self):
+            self.t, self.tokens, self.run_id = None, None, run_id
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if "loss" in (logs or {}) and self.t is not None:
+                now, seen = time.perf_counter(), state.num_input_tokens_seen
+                state.log_history[-1]["tokens_per_s"] = (seen - self.tokens) / max(now - self.t, 1e-9)
+                self.t, self.tokens = now, seen
+            if self.run_id and state.is_world_process_zero:
+                nums = {k: v for k, v in state.log_history[-1].items() if isinstance(v, (int, float)) and k != "step"}
+                try:
+                    import mlflow
+
+                    mlflow.log_metrics(nums, step=state.global_step, run_id=self.run_id)
+                except Exception as e:
+                    logger.warning("mlflow_off", error=f"{type(e).__name__}: {e}")
+                    self.run_id = None
+
+    return [StepLog()] + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience else [])
+
+
+def curve(log_history: list[dict], base_eval_loss: float | None) -> list[dict]:
+    """One row per optimizer step (+ step 0 = base model), from the Trainer's log history."""
+    rows: dict[int, dict] = {0: {"step": 0, "eval_loss": base_eval_loss}} if base_eval_loss is not None else {}
+    for e in log_history:
+        row = rows.setdefault(e["step"], {"step": e["step"]})
+        if "loss" in e:
+            row.update(train_loss=e["loss"], lr=e.get("learning_rate"), tokens_per_s=e.get("tokens_per_s"))
+        if "eval_loss" in e:
+            row["eval_loss"] = e["eval_loss"]
+    return [rows[s] for s in sorted(rows)]
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = stdio.StringIO()
+    w = csv.DictWriter(buf, CURVE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in CURVE_COLUMNS})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_model(base_dir: Path, t: config.Train, compute_dtype: str, device_map, seed: int):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    try:
+        model = modeling.load_model(
+            base_dir, quantize_4bit=t.method == "qlora", dtype=compute_dtype, device_map=device_map
+        )
+    except RuntimeError as e:  # bitsandbytes missing, CUDA asked for on a CPU box
+        raise TrainError(str(e)) from None
+    if t.method == "qlora":
+        # Norms/embeddings to fp32 for stable QLoRA; checkpointing is wired here for k-bit models.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False
+    set_seed(seed)  # LoRA A init draws from the torch RNG
+    lora = LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=list(t.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def resolve_compute(t: config.Train) -> tuple[str, object]:
+    """Device map + compute dtype for this process (bf16 where the device has it), or a clear error."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dtype = t.compute_dtype
+    if dtype == "float16" and not cuda:
+        raise TrainError("train.compute_dtype=float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
+    if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        logger.warning("no_bf16", fallback="float16")
+        dtype = "float16"
+    spec = t.device_map
+    if world > 1:
+        if isinstance(spec, dict):
+            raise TrainError(
+                "train.device_map as a mapping splits one model over GPUs; it cannot be combined "
+                "with DDP (accelerate launch --num_processes > 1); use device_map: auto"
+            )
+        # DDP: each process holds a full replica on its own device.
+        spec = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda and spec == "auto" else spec
+    try:
+        return dtype, modeling.resolve_device_map(spec)
+    except (RuntimeError, ValueError) as e:
+        raise TrainError(str(e)) from None
+
+
+def training_args(t: config.Train, out: Path, seed: int, compute_dtype: str):
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=1,  # one "sample" = one token-budget micro-batch
+        per_device_eval_batch_size=1,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type="constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        # Autocast only on GPUs: on CPU the weights already are in compute_dtype (autocast would only add casts).
+        bf16=cuda and compute_dtype == "bfloat16",
+        fp16=cuda and compute_dtype == "float16",
+        gradient_checkpointing=t.gradient_checkpointing and t.method == "lora",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="steps",
+        eval_steps=t.eval_every,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=2,
+        load_best_model_at_end=t.early_stopping_patience > 0,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=1,
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",  # packed rows hold no padding
+        prediction_loss_only=True,
+        label_names=["labels"],
+        report_to="none",  # MLflow is ours: its failures must not stop training
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,  # our samples are token-budget batches, not model kwargs
+        save_only_model=False,
+    )
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(params_file: str = "params.yaml") -> dict:
+    t0 = time.perf_counter()
+    p = config.load(params_file, "train", "preprocess")
+    t, paths, max_len = p.train, p.paths, p.preprocess.max_seq_len
+    if t.tokens_per_batch < max_len:
+        raise TrainError(
+            f"train.tokens_per_batch={t.tokens_per_batch} < preprocess.max_seq_len={max_len}: "
+            "a longest example would not fit one micro-batch"
+        )
+    if t.early_stopping_patience and t.save_every % t.eval_every:
+        raise TrainError(
+            "train.early_stopping_patience > 0 restores the best checkpoint, so train.save_every "
+            f"({t.save_every}) must be a multiple of train.eval_every ({t.eval_every})"
+        )
+    compute_dtype, device_map = resolve_compute(t)
+    from transformers import Trainer
+
+    base_dir = Path(paths.base_dir)
+    data_files = [
+        Path(paths.processed_dir) / "train.jsonl",
+        Path(paths.synthetic_dir) / "train.jsonl",
+        Path(paths.processed_dir) / "val.jsonl",
+    ]
+    for f in data_files:
+        if not f.exists():
+            raise TrainError(f"{f} missing: run `dvc repro preprocess synthetic` first")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    key = run_key(t, p.seed, max_len, base_dir, data_files, world)
+    ckpt_root = Path(paths.checkpoint_dir)
+    run_dir = ckpt_root / key
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0 and ckpt_root.exists():
+        for other in ckpt_root.iterdir():
+            if other.name != key:  # other params/data: never resumable, so reclaim the space
+                logger.info("wipe_stale_checkpoints", path=str(other))
+                shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_complete_checkpoint(run_dir)
+
+    tokenizer = modeling.load_tokenizer(base_dir)
+    eot = chat.end_of_turn_id(tokenizer)
+    train_rows = io.read_jsonl(data_files[0]) + io.read_jsonl(data_files[1])
+    val_rows = io.read_jsonl(data_files[2])
+    if not val_rows:
+        raise TrainError(f"{data_files[2]} is empty: eval needs a val split (preprocess.val_frac > 0)")
+    train_ex = encode_rows(train_rows, tokenizer, eot, max_len)
+    val_ex = encode_rows(val_rows, tokenizer, eot, max_len)
+    train_ds = make_batches(train_ex, t.tokens_per_batch, t.packing, p.seed)
+    val_ds = make_batches(val_ex, t.tokens_per_batch, t.packing, None)
+    logger.info(
+        "data",
+        train_rows=len(train_rows),
+        val_rows=len(val_rows),
+        train_batches=len(train_ds),
+        train_tokens=sum(len(e["input_ids"]) for e in train_ex),
+        run_key=key,
+        resume=str(resume) if resume else None,
+    )
+
+    model = build_model(base_dir, t, compute_dtype, device_map, p.seed)
+    mlflow_params = {
+        **{k: str(v) for k, v in config.asdict(t).items()},
+        "seed": p.seed,
+        "max_seq_len": max_len,
+        "compute_dtype": compute_dtype,
+        "run_key": key,
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "base_dir": str(base_dir),
+    }
+    run_id = mlflow_start(paths, t.mlflow_experiment, run_dir, mlflow_params) if rank0 else None
+    trainer = Trainer(
+        model=model,
+        args=training_args(t, run_dir, p.seed, compute_dtype),
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=Collator(t.packing, tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks(run_id, t.early_stopping_patience),
+    )
+    base_file = run_dir / "base_eval.json"
+    if base_file.exists():
+        base_loss = json.loads(base_file.read_text())["eval_loss"]
+    else:  # LoRA B starts at zero: the untrained peft model is the base model
+        base_loss = trainer.evaluate()["eval_loss"]
+        if rank0:
+            io.write_json(base_file, {"eval_loss": base_loss})
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise TrainError(
+                f"out of memory: lower train.tokens_per_batch ({t.tokens_per_batch}) or "
+                f"preprocess.max_seq_len ({max_len}), or set train.gradient_checkpointing: true"
+            ) from e
+        raise
+    hist = trainer.state.log_history
+    evals = [e for e in hist if "eval_loss" in e]
+    if not evals or evals[-1]["step"] != trainer.state.global_step or t.early_stopping_patience:
+        evals.append({"step": trainer.state.global_step, **trainer.evaluate()})
+    if not trainer.is_world_process_zero():
+        return {}
+    train_s = sum(e.get("train_runtime", 0.0) for e in hist if "train_runtime" in e)
+    session = [e for e in hist if "train_runtime" in e][-1]
+    steps_loss = [e["loss"] for e in hist if "loss" in e]
+    metrics = {
+        "method": t.method,
+        "compute_dtype": compute_dtype,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "base_eval_loss": base_loss,
+        "eval_loss": evals[-1]["eval_loss"],
+        "train_loss": sum(steps_loss[-10:]) / max(1, len(steps_loss[-10:])),  # mean of the last 10 steps
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": session.get("train_tokens_per_second"),  # this session's real tokens (no padding)
+        "train_wall_s": round(train_s, 2),
+        "stage_wall_s": round(time.perf_counter() - t0, 2),
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+    }
+    with io.atomic_dir(paths.adapter_dir) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        io.write_json(
+            tmp / "train_provenance.json",
+            {
+                "method": t.method,
+                "compute_dtype": compute_dtype,
+                "base_dir": str(base_dir),
+                "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
+                "seed": p.seed,
+                "train": config.asdict(t),
+                "eot_id": eot,
+            },
+        )
+    io.write_json(paths.train_metrics, metrics)
+    io.write_text(paths.train_curve, to_csv(curve(hist, base_loss)))
+    if run_id:
+        try:
+            import mlflow
+
+            mlflow.log_metrics(
+                {f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                step=trainer.state.global_step,
+                run_id=run_id,
+            )
+            mlflow.end_run()
+        except Exception as e:
+            logger.warning("mlflow_off", error=f"{type(e).__name__}: {e}")
+    logger.info("done", **{k: metrics[k] for k in ("steps", "base_eval_loss", "eval_loss", "tokens_per_s")})
+    return metrics
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    try:
+        main(args.params)
+    except (config.ParamsError, TrainError) as e:
+        sys.exit(f"train: error: {e}")

@@ -1,0 +1,108 @@
+"""merge: the merged folder follows the contract, matches the unmerged adapter, and a bad merge never ships."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmops import config, io
+from stages import merge
+from tests.conftest import ROOT, make_adapter, write_params, write_processed
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter", method="qlora")
+
+
+def _params(tmp_path, tiny_model_dir, adapter_dir, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    overrides = {"merge.parity_samples": 3, "paths.adapter_dir": str(adapter_dir), **overrides}
+    params = write_params(tmp_path, overrides, base_dir=tiny_model_dir)
+    write_processed(tmp_path / "data" / "processed")
+    return params, config.load(params, "merge")
+
+
+def test_merge_writes_contract_and_matches_unmerged(tmp_path, tiny_model_dir, qlora_adapter):
+    params, p = _params(tmp_path, tiny_model_dir, qlora_adapter)
+    m = merge.main(str(params))
+    out = tmp_path / "models" / "merged"
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "merge_provenance.json",
+    } <= {f.name for f in out.iterdir()}
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert 2 in gen["eos_token_id"]  # <|im_end|>: the served model stops at end of turn
+    prov = json.loads((out / "merge_provenance.json").read_text())
+    assert prov["method"] == "qlora" and prov["base_weights"] == "original"
+    # 16-bit, and the adapter really was folded in
+    merged, base = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
+    # figures: merged vs unmerged is rounding only; vs the nf4 model that trained also carries nf4 error
+    assert set(m) == {"vs_unmerged", "vs_trained", "positions", "n_samples", "n_positions", "passed"}
+    assert m["passed"] and m["n_samples"] == 3 and m["positions"] == "assistant"
+    assert m["vs_unmerged"]["max_logit_abs_diff"] < 0.05 and m["vs_unmerged"]["mean_kl"] < 1e-4
+    assert m["vs_trained"]["mean_kl"] > m["vs_unmerged"]["mean_kl"]
+    assert json.loads((tmp_path / "metrics" / "merge.json").read_text()) == json.loads(json.dumps(m))
+
+
+def test_corrupted_merge_fails_and_keeps_previous_merged_dir(tmp_path, tiny_model_dir, qlora_adapter, monkeypatch):
+    params, p = _params(tmp_path, tiny_model_dir, qlora_adapter)
+    out = tmp_path / "models" / "merged"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_text("previous good model")
+    real_merge = merge.merge_adapter
+
+    def corrupt(base, adapter_dir):
+        model = real_merge(base, adapter_dir)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)  # a sign/scale bug in one weight
+        return model
+
+    monkeypatch.setattr(merge, "merge_adapter", corrupt)
+    with pytest.raises(merge.MergeError, match=r"parity check failed: merged vs unmerged: max \|Δlogit\| .* > merge"):
+        merge.main(str(params))
+    assert [f.name for f in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "previous good model"
+    assert not list(out.parent.glob(".merged.tmp-*"))  # no half-written staging dir left behind
+    assert json.loads((tmp_path / "metrics" / "merge.json").read_text())["passed"] is False
+
+
+def test_dequantized_base_matches_what_was_trained(tmp_path, tiny_model_dir, qlora_adapter):
+    """Merging into dequantized nf4 weights reproduces the 4-bit+adapter model far better than W16 does."""
+    params, _ = _params(tmp_path / "o", tiny_model_dir, qlora_adapter)
+    original = merge.main(str(params))
+    params, _ = _params(tmp_path / "d", tiny_model_dir, qlora_adapter, **{"merge.base_weights": "dequantized"})
+    dequantized = merge.main(str(params))
+    assert dequantized["vs_trained"]["mean_kl"] < original["vs_trained"]["mean_kl"] / 10
+    assert dequantized["vs_unmerged"]["mean_kl"] < 1e-4
+
+
+def test_wrong_adapter_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "lora", method="lora")
+    params, _ = _params(tmp_path, tiny_model_dir, adapter, **{"merge.base_weights": "dequantized"})
+    with pytest.raises(merge.MergeError, match="dequantized needs a qlora adapter"):
+        merge.main(str(params))
+    prov = json.loads((adapter / "train_provenance.json").read_text())
+    prov["base_provenance"]["sha256"] = "something else"
+    io.write_json(adapter / "train_provenance.json", prov)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.merge", "--params", str(params)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("merge: error: ")
+    assert "trained on another base" in proc.stderr
+    assert not (tmp_path / "models" / "merged").exists()

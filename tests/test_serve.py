@@ -1,0 +1,424 @@
+"""serve: refuse a package that is not what was built, start vLLM with exactly the packaged template, stop ids and
+settings, and (slow) the whole publish → pull → serve path on a fresh clone with one vLLM cold start."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from llmops import chat, config, modeling
+from serve import launcher, smoke
+from tests.conftest import ROOT, set_dotted, write_params
+from tests.test_package import build_package
+
+SECRET = "s3cr3t-key-value-never-shown"
+# Variables the launcher reads: tests start from none of them so the developer's shell can't leak in.
+SERVE_ENV = (
+    "API_KEY",
+    "ENABLE_AUTH",
+    "VLLM_API_KEY",
+    "MAX_MODEL_LEN",
+    "HOST",
+    "PORT",
+    "SERVED_MODEL_NAME",
+    "TENSOR_PARALLEL_SIZE",
+    "GPU_MEMORY_UTILIZATION",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_ENDPOINT",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SERVE_ENV}
+    return {**env, **extra}
+
+
+def serve_cli(*args: str, cwd: Path = ROOT, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serve", *args],
+        cwd=cwd,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(package dir, params file) from the tiny model; treat as read-only, copy before tampering."""
+    return build_package(tmp_path_factory.mktemp("pkg"), tiny_model_dir)
+
+
+@pytest.fixture
+def pkg_copy(built, tmp_path) -> Path:
+    dst = tmp_path / "package"
+    shutil.copytree(built[0], dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: refuse to start on anything but the files the manifest vouches for
+# ---------------------------------------------------------------------------------------------
+
+
+def test_verify_accepts_the_built_package(built):
+    manifest = launcher.verify_package(built[0])
+    assert manifest["serving"]["served_model_name"] == "smollm2-mlops"
+
+
+def _flip_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "tamper, name, reason",
+    [
+        (lambda d: _flip_byte(d / "model.safetensors"), "model.safetensors", "sha256"),
+        (lambda d: (d / "tokenizer.json").write_text("{}"), "tokenizer.json", "size"),
+        (lambda d: (d / "chat_template.jinja").unlink(), "chat_template.jinja", "missing"),
+        (lambda d: (d / "pytorch_model.bin").write_bytes(b"x"), "pytorch_model.bin", "not listed in the manifest"),
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json", "missing"),
+    ],
+)
+def test_verify_names_the_bad_file(pkg_copy, tamper, name, reason):
+    tamper(pkg_copy)
+    with pytest.raises(launcher.LaunchError) as e:
+        launcher.verify_package(pkg_copy)
+    msg = str(e.value)
+    assert msg.startswith(f"{pkg_copy / name}: ") and reason in msg and "dvc pull package" in msg and "\n" not in msg
+
+
+def test_tampered_weights_refuse_to_launch(built, pkg_copy):
+    _flip_byte(pkg_copy / "model.safetensors")
+    proc = serve_cli("--params", str(built[1]), "--package", str(pkg_copy), timeout=60)  # no --dry-run: the real path
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"serve: error: {pkg_copy / 'model.safetensors'}: sha256 ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command vLLM gets
+# ---------------------------------------------------------------------------------------------
+
+
+def _opt(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_dry_run_prints_the_exact_command_with_the_key_masked(built):
+    pkg, params = built
+    proc = serve_cli(
+        "--params",
+        str(params),
+        "--dry-run",
+        "--port",
+        "8123",
+        "--",
+        "--enforce-eager",
+        ENABLE_AUTH="1",
+        API_KEY=SECRET,
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert SECRET not in proc.stdout and SECRET not in proc.stderr
+    words = shlex.split(proc.stdout.strip())
+    assert words[:2] == ["VLLM_API_KEY=****", "VLLM_CPU_KVCACHE_SPACE=1"]
+    argv = words[2:]
+    assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert _opt(argv, "--model") == str(pkg)
+    assert _opt(argv, "--chat-template") == str(pkg / "chat_template.jinja")
+    assert _opt(argv, "--generation-config") == str(pkg)
+    assert _opt(argv, "--served-model-name") == "smollm2-mlops"
+    assert _opt(argv, "--max-model-len") == "512"  # the manifest's default (params serve.max_model_len: null)
+    assert _opt(argv, "--tensor-parallel-size") == "1"
+    assert (_opt(argv, "--host"), _opt(argv, "--port")) == ("127.0.0.1", "8123")
+    assert argv[-1] == "--enforce-eager" and "--gpu-memory-utilization" not in argv  # vllm-cpu here
+    assert "--api-key" not in argv
+
+
+@pytest.fixture
+def params_and_manifest(built):
+    pkg, params_file = built
+    return config.load(params_file, "package", "serve"), json.loads((pkg / "manifest.json").read_text()), pkg
+
+
+def test_precedence_flag_over_env_over_params_over_manifest(params_and_manifest):
+    p, manifest, pkg = params_and_manifest
+    env = {"MAX_MODEL_LEN": "256", "TENSOR_PARALLEL_SIZE": "2", "SERVED_MODEL_NAME": "from-env"}
+    st = launcher.resolve(p, manifest, pkg, {"device": "cuda"}, env)
+    argv, child = launcher.build_command(st, env)
+    assert (_opt(argv, "--max-model-len"), _opt(argv, "--tensor-parallel-size")) == ("256", "2")
+    assert _opt(argv, "--served-model-name") == "from-env"
+    assert _opt(argv, "--gpu-memory-utilization") == "0.9" and "VLLM_CPU_KVCACHE_SPACE" not in child
+    st = launcher.resolve(p, manifest, pkg, {"device": "cpu", "max_model_len": 128}, env)
+    argv, child = launcher.build_command(st, env)
+    assert _opt(argv, "--max-model-len") == "128" and child["VLLM_CPU_KVCACHE_SPACE"] == "2"  # params value
+    assert "--gpu-memory-utilization" not in argv
+    with pytest.raises(launcher.LaunchError, match=r"MAX_MODEL_LEN='lots': expected an integer"):
+        launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"MAX_MODEL_LEN": "lots"})
+
+
+def test_auth_key_only_in_the_child_env(params_and_manifest):
+    p, manifest, pkg = params_and_manifest
+    env = {"ENABLE_AUTH": "true", "API_KEY": SECRET}
+    st = launcher.resolve(p, manifest, pkg, {"device": "cpu"}, env)
+    argv, child = launcher.build_command(st, env)
+    assert child["VLLM_API_KEY"] == SECRET and SECRET not in " ".join(argv) and SECRET not in repr(st)
+    assert "VLLM_API_KEY=****" in launcher.describe(argv, child) and SECRET not in launcher.describe(argv, child)
+    # auth off: a key left in the shell must not silently switch auth on
+    st = launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"VLLM_API_KEY": "stray"})
+    assert "VLLM_API_KEY" not in launcher.build_command(st, {"VLLM_API_KEY": "stray"})[1]
+    with pytest.raises(launcher.LaunchError, match=r"\$API_KEY is empty"):
+        launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"ENABLE_AUTH": "1"})
+    with pytest.raises(launcher.LaunchError, match=r"ENABLE_AUTH='maybe'"):
+        launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"ENABLE_AUTH": "maybe", "API_KEY": SECRET})
+
+
+def test_adapter_mode_serves_base_plus_lora_unmerged(tmp_path, base_model_dir):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))
+    shutil.copy(base_model_dir / "chat_template.jinja", adapter / "chat_template.jinja")
+    params = write_params(tmp_path, base_dir=base_model_dir)
+    proc = serve_cli("--params", str(params), "--adapter", str(adapter), "--device", "cpu", "--dry-run")
+    assert proc.returncode == 0, proc.stderr  # the base was verified against its provenance.json hashes
+    argv = shlex.split(proc.stdout)[1:]
+    assert _opt(argv, "--model") == str(base_model_dir) and _opt(argv, "--generation-config") == str(base_model_dir)
+    assert _opt(argv, "--chat-template") == str(adapter / "chat_template.jinja")  # the template it was trained with
+    assert "--enable-lora" in argv and _opt(argv, "--lora-modules") == f"smollm2-mlops={adapter}"
+    assert _opt(argv, "--max-lora-rank") == "16"  # smallest rank vLLM accepts that holds r=12
+    assert _opt(argv, "--served-model-name") == "smollm2-mlops-base"
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke client checks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_smoke_reply_checks(built):
+    markers = smoke.template_markers(built[0])
+    assert {"<|im_start|>", "<|im_end|>"} <= set(markers) and "<filename>" not in markers  # only template tokens
+    smoke.check_reply("Runs the stages whose inputs changed.", "stop", markers, ("stop",))
+    for text, finish, err in [
+        ("  \n", "stop", "empty reply"),
+        ("ok<|im_end|>\n<|im_start|>user", "stop", "raw chat-template tokens ['<|im_start|>', '<|im_end|>']"),
+        ("ok", "length", "finish_reason 'length', expected stop"),
+    ]:
+        with pytest.raises(smoke.SmokeError, match=err.replace("[", r"\[").replace("|", r"\|")):
+            smoke.check_reply(text, finish, markers, ("stop",))
+    assert smoke.api_base("http://h:8000/") == smoke.api_base("http://h:8000/v1") == "http://h:8000/v1"
+
+
+def test_smoke_against_nothing_fails_in_one_line(built):
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = serve_cli("smoke", "--params", str(built[1]), "--wait", "0", VLLM_ENDPOINT=url)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"serve smoke: error: {url}/v1: APIConnectionError")
+    proc = serve_cli("smoke", "--params", str(built[1]), "--endpoint", f"{url}/v1", "--wait", "1")
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (
+        1,
+        f"serve smoke: error: {url}/health: not healthy after 1 s",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: package → dvc push → git clone + dvc pull package → vLLM (CPU) → openai client
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # dvc.yaml says `python`
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], repo)
+
+
+def git(repo: Path, *args: str) -> str:
+    return _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], repo)
+
+
+def servable_tiny(tiny: Path, out: Path, stop_word: str) -> int:
+    """The tiny model again with head_dim 32 (vllm-cpu's attention needs >= 32) and `stop_word` added to the
+    generation config's eos ids; returns that token id."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    [stop_id] = tok(stop_word, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    gen = GenerationConfig.from_pretrained(tiny)
+    gen.eos_token_id = [2, stop_id]
+    gen.save_pretrained(out)
+    shutil.copy(tiny / "provenance.json", out / "provenance.json")
+    return stop_id
+
+
+def _tokenize(endpoint: str, messages: list[dict], model: str) -> list[int]:
+    body = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}).encode()
+    req = urllib.request.Request(
+        f"{endpoint}/tokenize", body, {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["tokens"]
+
+
+@pytest.mark.slow
+def test_publish_pull_and_serve_end_to_end(repo_copy, tiny_model_dir, tmp_path):
+    repo, remote, clone = repo_copy, tmp_path / "remote", tmp_path / "clone"
+    stop_id = servable_tiny(tiny_model_dir, tmp_path / "tiny32", " the")
+    for out in ("models/base", "models/merged"):  # stand-ins for the base and merge stages' outputs
+        shutil.copytree(tmp_path / "tiny32", repo / out)
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/train.json").write_text(json.dumps({"train_loss": 1.0, "eval_loss": 1.1}))
+    (repo / "metrics/eval.json").write_text(json.dumps({"tuned": {"chrf": 30.0}}))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    set_dotted(params, "package.max_model_len", 512)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+
+    # --- publish: record base in dvc.lock, build the package, push both to a temp remote -----------
+    dvc(repo, "remote", "modify", "--local", "storage", "url", str(remote))
+    assert str(remote) in dvc(repo, "remote", "list")  # never the developer's ~/dvc-storage
+    dvc(repo, "commit", "--force", "base")
+    dvc(repo, "repro", "--single-item", "package")
+    dvc(repo, "push")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "package")
+    manifest = json.loads((repo / "models/package/manifest.json").read_text())
+    remote_objects = [f for f in remote.rglob("*") if f.is_file()]
+    assert len(remote_objects) > len(manifest["files"]) + 2  # base objects are in the remote too
+
+    # --- serving box: git clone + dvc pull package fetches only the package ----------------------
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    dvc(clone, "remote", "modify", "--local", "storage", "url", str(remote))
+    dvc(clone, "pull", "package")
+    pulled = clone / "models/package"
+    assert sorted(f.name for f in pulled.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    assert sorted(f.name for f in (clone / "models").iterdir()) == ["package"]  # no base, no merged
+    cached = [f for f in (clone / ".dvc/cache/files").rglob("*") if f.is_file()]
+    assert len(cached) == len(manifest["files"]) + 2  # each file + manifest.json + the .dir listing
+    assert (pulled / "manifest.json").read_bytes() == (repo / "models/package/manifest.json").read_bytes()
+    launcher.verify_package(pulled)  # every sha256 and size as built
+
+    # --- serve it: one vLLM cold start, auth on, then several checks --------------------------------
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "vllm.log").open("w")
+    env = clean_env(ENABLE_AUTH="1", API_KEY=SECRET, VLLM_CPU_KVCACHE_SPACE="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--port", str(port)],
+        cwd=clone,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        smoke.wait_healthy(endpoint, 480, alive=lambda: server.poll() is None)
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                assert SECRET.encode() not in cmdline.read_bytes(), f"API key visible in ps: {cmdline}"
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+        messages = [{"role": "user", "content": "What does `dvc repro` do?"}]
+        tok = modeling.load_tokenizer(pulled)
+        assert _tokenize(endpoint, messages, "smollm2-mlops") == chat.prompt_ids(tok, messages)  # as trained
+
+        client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=SECRET, max_retries=0, timeout=60)
+        # The stop id exists only in the package's generation_config.json: forcing it must end the reply at once.
+        r = client.chat.completions.create(
+            model="smollm2-mlops", messages=messages, max_tokens=4, temperature=0, logit_bias={str(stop_id): 100}
+        )
+        assert (r.choices[0].finish_reason, r.usage.completion_tokens, r.choices[0].message.content) == ("stop", 1, "")
+        # ... while any other token runs to max_tokens.
+        ok_id = tok(" ok", add_special_tokens=False)["input_ids"][0]
+        r = client.chat.completions.create(
+            model="smollm2-mlops", messages=messages, max_tokens=3, temperature=0, logit_bias={str(ok_id): 100}
+        )
+        assert (r.choices[0].finish_reason, r.usage.completion_tokens, r.choices[0].message.content) == (
+            "length",
+            3,
+            " ok ok ok",
+        )
+
+        with pytest.raises(openai.AuthenticationError) as e:
+            openai.OpenAI(base_url=f"{endpoint}/v1", api_key="wrong", max_retries=0).models.list()
+        assert e.value.status_code == 401
+
+        # The post-deploy smoke command as an operator runs it (random weights: sampled text, may hit max_tokens).
+        proc = serve_cli(
+            "smoke",
+            "--temperature",
+            "1",
+            "--allow-length",
+            "--max-tokens",
+            "8",
+            cwd=clone,
+            VLLM_ENDPOINT=endpoint,
+            ENABLE_AUTH="1",
+            API_KEY=SECRET,
+        )
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["ok"] and result["auth_checked"] and result["model"] == "smollm2-mlops"
+        assert result["reply"].strip() and result["finish_reason"] in ("stop", "length")
+        assert (result["finish_reason"] == "length") == (result["completion_tokens"] == 8)
+    except BaseException:
+        log.flush()
+        print((tmp_path / "vllm.log").read_text()[-6000:])
+        raise
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (API server + engine workers), SIGKILL after a bounded wait."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,547 @@
+"""docs_snapshot + synthetic: in-process mining, grounded docs Q&A, determinism, filters, no val/test leakage,
+and the teacher generator against a fake and a real (vLLM) OpenAI-compatible endpoint and an unreachable one."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmops import config, io, text
+from stages import docs_snapshot, synthetic
+from tests.conftest import ROOT, write_params
+
+SNAPSHOT = json.loads((ROOT / "data" / "docs_snapshot.json").read_text(encoding="utf-8"))
+SNAPSHOT_TEXT = json.dumps(SNAPSHOT, ensure_ascii=False)
+FLAG = re.compile(r"(?<![\w./=-])--?[A-Za-z][\w-]*")
+CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+def _row(messages: list[dict], source: str = "test") -> dict:
+    return {
+        "id": text.row_id(messages),
+        "messages": messages,
+        "lang": text.conversation_lang(messages),
+        "source": source,
+        "n_tokens": 0,
+    }
+
+
+def _qa(q: str, a: str) -> list[dict]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def _setup(tmp: Path, base_dir: Path, overrides: dict | None = None, val_test: list[dict] | None = None) -> Path:
+    """A params file under `tmp`, the tracked docs snapshot, and a small processed folder in the data contract."""
+    params = write_params(
+        tmp, {"paths.docs_snapshot": str(ROOT / "data" / "docs_snapshot.json"), **(overrides or {})}, base_dir=base_dir
+    )
+    p = config.load(params, "synthetic")
+    train = [
+        _row(_qa("How do I resume a killed DVC pipeline?", "Run `dvc repro` again; finished stages are skipped.")),
+        _row(_qa("LoRA 랭크는 어떻게 고르나요?", "작은 모델은 8~16으로 시작하고 검증 손실을 보며 조정하세요.")),
+    ]
+    val_test = val_test or [
+        _row(_qa("What is QLoRA?", "LoRA adapters trained on a 4-bit quantized frozen base model."))
+    ]
+    d = Path(p.paths.processed_dir)
+    io.write_jsonl(d / "train.jsonl", train)
+    io.write_jsonl(d / "val.jsonl", val_test[:1])
+    io.write_jsonl(d / "test.jsonl", val_test[1:])
+    return params
+
+
+def _fact(kind: str, key: str) -> dict:
+    return next(f for f in synthetic.docs_facts(SNAPSHOT) if f["kind"] == kind and f["key"] == f"{kind}:{key}")
+
+
+# ---------------------------------------------------------------- docs snapshot
+
+
+def test_snapshot_mines_cli_trees_and_api_docs_in_process():
+    """The tracked snapshot is exactly what the installed versions produce (so it is current and reproducible)."""
+    logger = docs_snapshot.log.get("docs_snapshot")
+    fresh = docs_snapshot.snapshot(("dvc",), ("peft.LoraConfig",), logger)
+    cmds = {c["command"]: c for c in fresh["commands"]}
+    assert cmds["dvc push"]["summary"] == "Upload tracked files or directories to remote storage."
+    assert cmds["dvc push"]["doc_url"] == "https://man.dvc.org/push"  # ANSI colour codes stripped
+    run = cmds["dvc experiments run"]
+    assert cmds["dvc experiments"]["aliases"] == ["exp"]
+    assert any(o["flags"] == ["-S", "--set-param"] for o in run["options"])
+    assert run["usage"].startswith("dvc experiments run [-h]") and "\n" not in run["usage"]
+    assert not any(o["flags"][-1] == "--help" for c in fresh["commands"] for o in c["options"])
+    lora = {f["name"]: f for f in fresh["apis"][0]["fields"]}
+    assert lora["lora_alpha"]["default"] == "8" and lora["lora_alpha"]["type"] == "int"
+    assert lora["lora_alpha"]["help"] == "The alpha parameter for Lora scaling."  # the docstring line
+    assert fresh["versions"]["dvc"] == SNAPSHOT["versions"]["dvc"]
+    tracked = {c["command"]: c for c in SNAPSHOT["commands"] if c["tool"] == "dvc"}
+    assert tracked == cmds, "data/docs_snapshot.json is stale: run python -m stages.docs_snapshot"
+    assert next(a for a in SNAPSHOT["apis"] if a["api"] == "peft.LoraConfig") == fresh["apis"][0]
+
+
+def test_snapshot_stage_writes_stable_file_and_names_bad_tools(tmp_path):
+    params = write_params(
+        tmp_path, {"synthetic.docs.tools": ["mlflow"], "synthetic.docs.modules": ["datasets.Dataset.train_test_split"]}
+    )
+    snap = docs_snapshot.main(str(params))
+    out = Path(config.load(params, "synthetic").paths.docs_snapshot)
+    first = out.read_bytes()
+    assert set(snap["versions"]) == {"mlflow", "datasets"}
+    mlflow_run = next(c for c in snap["commands"] if c["command"] == "mlflow run")
+    assert any("--entry-point" in o["flags"] for o in mlflow_run["options"])
+    args = {f["name"]: f for f in snap["apis"][0]["fields"]}
+    assert args["shuffle"]["default"] == "True" and args["test_size"]["type"] == "Union[float, int, None]"
+    docs_snapshot.main(str(params))
+    assert out.read_bytes() == first
+    bad = write_params(tmp_path, {"synthetic.docs.tools": ["no-such-cli"]})
+    with pytest.raises(docs_snapshot.SnapshotError, match="synthetic.docs.tools: 'no-such-cli'"):
+        docs_snapshot.main(str(bad))
+
+
+def test_docstring_args_parser():
+    doc = """Summary line.
+
+    Args:
+        alpha (`int`, *optional*, defaults to `8`):
+            Scaling
+            factor.
+        beta (`str`): Name.
+
+    Returns:
+        Nothing.
+    """
+    assert docs_snapshot.doc_args(doc) == {
+        "alpha": {"type": "int", "default": "8", "help": "Scaling factor."},
+        "beta": {"type": "str", "default": None, "help": "Name."},
+    }
+
+
+# ---------------------------------------------------------------- docs generator
+
+
+def test_docs_answers_quote_the_snapshot():
+    """The issue's examples, rendered from the snapshot: answers are the mined text, ko wraps it in Korean."""
+    push = synthetic.render(_fact("summary", "dvc push"), "en", 5, 0)
+    assert {c.question for c in push} >= {"What does `dvc push` do?"}
+    assert push[0].answer == "`dvc push`: Upload tracked files or directories to remote storage."
+    ko = synthetic.render(_fact("summary", "dvc push"), "ko", 1, 0)[0]
+    assert ko.answer.endswith("Upload tracked files or directories to remote storage.")
+    assert text.detect_lang(synthetic.CODE.sub(" ", ko.answer)) == "ko"
+    opt = next(f for f in synthetic.docs_facts(SNAPSHOT) if f["key"].startswith("option:dvc experiments run:-S"))
+    exp = synthetic.render(opt, "en", 4, 0)
+    assert exp[0].answer.startswith("`dvc experiments run` option `-S, --set-param ")
+    assert any("`dvc exp run`" in c.question for c in exp + synthetic.render(opt, "en", 4, 1))  # alias phrasings
+    lora = synthetic.render(_fact("field", "peft.LoraConfig:lora_alpha"), "en", 1, 0)[0]
+    doc = next(f for a in SNAPSHOT["apis"] for f in a["fields"] if f["name"] == "lora_alpha")
+    assert lora.answer == f"`lora_alpha` in `peft.LoraConfig` (type `int`, default `8`): {doc['help']}"
+
+
+def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model_dir):
+    params = _setup(tmp_path, base_model_dir)
+    m = synthetic.main(str(params))
+    p = config.load(params, "synthetic")
+    out = Path(p.paths.synthetic_dir) / "train.jsonl"
+    rows, first = io.read_jsonl(out), out.read_bytes()
+    assert 300 <= m["rows"] == len(rows) <= 1500
+    assert m["rows_by_lang"]["en"] > 300 and m["rows_by_lang"]["ko"] > 300
+    assert set(m["rows_by_generator"]) == {"synthetic:docs"}
+    assert {"summary", "option", "field", "usage"} <= set(m["rows_by_kind"])
+    assert sum(m["filtered"].values()) + m["rows"] == m["candidates"]
+    for r in rows:
+        assert set(r) == {"id", "messages", "lang", "source", "n_tokens"}
+        assert r["id"] == text.row_id(r["messages"]) and 0 < r["n_tokens"] <= 512
+        prose = synthetic.CODE.sub(" ", " ".join(m["content"] for m in r["messages"]))
+        assert r["lang"] == text.detect_lang(prose)  # code spans are language-neutral
+        answer = r["messages"][-1]["content"]
+        for flag in FLAG.findall(answer):  # no invented flags or options
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", SNAPSHOT_TEXT), (flag, answer)
+        for span in CODE_SPAN.findall(answer):  # every code span is mined text (option specs join flags by ", ")
+            for tok in filter(None, re.split(r",?\s+", span)):
+                assert json.dumps(tok, ensure_ascii=False)[1:-1] in SNAPSHOT_TEXT, (tok, answer)
+    phrasings = {}
+    for r in rows:
+        phrasings.setdefault(r["messages"][1]["content"], set()).add(r["messages"][0]["content"])
+    assert max(len(v) for v in phrasings.values()) == 3  # several phrasings of one fact are kept
+
+    synthetic.main(str(params))
+    assert out.read_bytes() == first, "same snapshot + params + seed must give identical bytes"
+    other = write_params(
+        tmp_path,
+        {"seed": 4321, "paths.docs_snapshot": str(ROOT / "data" / "docs_snapshot.json")},
+        base_dir=base_model_dir,
+    )
+    synthetic.main(str(other))
+    changed = {r["id"] for r in io.read_jsonl(out)}
+    assert len(changed & {r["id"] for r in rows}) < 0.8 * len(rows), "another seed must pick another sample"
+
+
+def test_grounding_of_every_candidate():
+    """Every string a docs answer claims to quote is in the snapshot and in the answer."""
+    for i, c in enumerate(synthetic.docs_candidates(SNAPSHOT, 3, 0)):
+        if i >= 3000:
+            break
+        assert c.grounding and all(g in SNAPSHOT_TEXT or json.dumps(g)[1:-1] in SNAPSHOT_TEXT for g in c.grounding)
+        assert c.grounding[0] in c.answer  # the command / API the answer is about
+
+
+def test_no_synthetic_row_equals_or_nearly_equals_val_test(tmp_path, base_model_dir):
+    """Inject val/test rows that a docs candidate would reproduce exactly and almost exactly: both are dropped."""
+    ok = _synthetic_params(max_answer_chars=900)
+    cands = [
+        c for c in itertools.islice(synthetic.docs_candidates(SNAPSHOT, 3, 1234), 50) if not synthetic.row_reason(c, ok)
+    ]
+    exact, near = cands[0], next(c for c in cands if c.answer != cands[0].answer)
+    leak = [_row(_qa(exact.question, exact.answer)), _row(_qa(near.question + "?", near.answer))]
+    params = _setup(tmp_path, base_model_dir, {"synthetic.max_rows": 200}, val_test=leak)
+    m = synthetic.main(str(params))
+    p = config.load(params, "synthetic")
+    rows = io.read_jsonl(Path(p.paths.synthetic_dir) / "train.jsonl")
+    assert m["filtered"]["seed_exact_dup"] == 1 and m["filtered"]["seed_near_dup"] >= 1
+    held_out = [r for s in ("val", "test") for r in io.read_jsonl(Path(p.paths.processed_dir) / f"{s}.jsonl")]
+    assert not {r["id"] for r in rows} & {r["id"] for r in held_out}
+
+    def texts(r):
+        return [m["content"] for m in r["messages"] if m["role"] == "user"][0], "\n".join(
+            m["content"] for m in r["messages"] if m["role"] != "system"
+        )
+
+    syn_q = synthetic.shingle_matrix([texts(r)[0] for r in rows])
+    syn_f = synthetic.shingle_matrix([texts(r)[1] for r in rows])
+    ho_q = synthetic.shingle_matrix([texts(r)[0] for r in held_out])
+    ho_f = synthetic.shingle_matrix([texts(r)[1] for r in held_out])
+    assert synthetic.jaccard(syn_q, ho_q).max() < 0.9 and synthetic.jaccard(syn_f, ho_f).max() < 0.9
+
+
+# ---------------------------------------------------------------- filters
+
+
+def _synthetic_params(**kw) -> config.Synthetic:
+    return config.Synthetic(
+        **{
+            "generator": "docs",
+            "max_rows": 100,
+            "min_answer_chars": 20,
+            "max_answer_chars": 200,
+            "near_dup_threshold": 0.9,
+            **kw,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "cand, reason",
+    [
+        (synthetic.Candidate("en", "Q?", "", "teacher:unparseable"), "unparseable"),
+        (synthetic.Candidate("en", "  ", "An answer that is long enough."), "empty"),
+        (
+            synthetic.Candidate("en", "How do I delete prod?", "I'm sorry, but I can't help with that request."),
+            "refusal",
+        ),
+        (
+            synthetic.Candidate("ko", "프로덕션을 지워도 되나요?", "죄송하지만 그 요청에는 답변할 수 없습니다."),
+            "refusal",
+        ),
+        (synthetic.Candidate("en", "What is DVC?", "A tool."), "too_short"),
+        (synthetic.Candidate("en", "What is DVC?", "Data versioning. " * 20), "too_long"),
+        (
+            synthetic.Candidate("ko", "DVC가 뭐예요?", "DVC is a data version control tool for ML projects."),
+            "wrong_lang",
+        ),
+        (
+            synthetic.Candidate("en", "What is DVC?", "DVC는 머신러닝 프로젝트를 위한 데이터 버전 관리 도구입니다."),
+            "wrong_lang",
+        ),
+        (
+            synthetic.Candidate(
+                "ko", "`dvc push`는 무엇을 하나요?", "`dvc push` 명령은 캐시를 원격 저장소로 올립니다."
+            ),
+            None,
+        ),
+    ],
+)
+def test_row_filters(cand, reason):
+    assert synthetic.row_reason(cand, _synthetic_params()) == reason
+
+
+def test_dedup_filters(base_model_dir):
+    from llmops.modeling import load_tokenizer
+
+    tok = load_tokenizer(base_model_dir)
+    gc = "It removes unused objects from the cache and from remote storage, keeping only what the current workspace, "
+    seed_rows = [_row(_qa("What does dvc gc do?", gc + "branches or tags still reference."))]
+    a = "It uploads tracked files or directories to the configured remote storage."
+    C = synthetic.Candidate
+    cands = [
+        C("en", "What does `dvc push` do?", a),  # kept
+        C("en", "What does `dvc push` do?", a),  # exact_dup
+        C("en", "What does `dvc push` do ?", a + "!"),  # near_dup: question and answer both equal but for punctuation
+        C("en", "Explain `dvc push` in one sentence.", a),  # kept: another phrasing of the same fact
+        C("en", "What does dvc gc do?", gc + "branches or tags still reference."),  # seed_exact_dup
+        C("en", "What does dvc gc do?", gc + "branches and tags still reference."),  # seed_near_dup (Jaccard 0.92)
+        C("en", "What does `dvc gc` do?", "It deletes cache objects no workspace, branch or tag refers to."),  # seed q
+        C("en", "Explain everything about DVC.", "word " * 170),  # too_long_tokens (> max_seq_len 128)
+    ]
+    params = _synthetic_params(max_answer_chars=900)
+    rows, counts, examined = synthetic.select(cands, seed_rows, params, tok, 128, "s")
+    assert [r["messages"][0]["content"] for r in rows] == [cands[0].question, cands[3].question]
+    assert examined == len(cands) and all(r["source"] == "s" and r["n_tokens"] > 0 for r in rows)
+    assert {k: v for k, v in counts.items() if v} == {
+        "exact_dup": 1,
+        "near_dup": 1,
+        "seed_exact_dup": 1,
+        "seed_near_dup": 2,
+        "too_long_tokens": 1,
+    }
+    capped, _, examined = synthetic.select(cands, seed_rows, _synthetic_params(max_rows=1), tok, 512, "s")
+    assert len(capped) == 1 and examined == 1
+
+
+def test_docs_seeded_teacher_answers_may_not_invent_flags():
+    context = "`dvc push` option `-r, --remote <name>`: Remote storage to push to"
+    ok = synthetic.Candidate(
+        "en", "How do I pick the remote?", "Pass `-r <name>` (or `--remote`).", "teacher:docs", (context,)
+    )
+    invented = synthetic.Candidate(
+        "en", "How do I pick the remote?", "Pass `--target-remote <name>` to choose it.", "teacher:docs", (context,)
+    )
+    assert synthetic.row_reason(ok, _synthetic_params()) is None
+    assert synthetic.row_reason(invented, _synthetic_params()) == "ungrounded_flag"
+
+
+# ---------------------------------------------------------------- teacher generator
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TOPICS = {
+    "en": [
+        (
+            "How do I pin a model revision on the Hub?",
+            "Pass a commit sha as `revision` so later pushes cannot change it.",
+        ),
+        ("Why cache pip wheels in CI?", "Reinstalling every dependency on each run wastes minutes and bandwidth."),
+        ("What does a readiness probe check?", "Whether the server can take traffic now, e.g. the model is loaded."),
+        (
+            "When should I quantize to 4 bits?",
+            "When the 16-bit weights do not fit the GPU and a small quality loss is fine.",
+        ),
+        (
+            "How do I compare two experiments?",
+            "Log both runs to MLflow and diff their params and metrics side by side.",
+        ),
+        ("Why set a seed in training?", "Data order and initialisation repeat, so a rerun gives the same model."),
+        ("What is gradient accumulation?", "Summing gradients over several micro-batches before one optimizer step."),
+        (
+            "How do I roll back a bad deployment?",
+            "Redeploy the previous image tag and keep the broken one for debugging.",
+        ),
+    ],
+    "ko": [
+        ("모델 리비전은 어떻게 고정하나요?", "나중에 바뀌지 않도록 `revision`에 커밋 해시를 지정하세요."),
+        ("CI에서 패키지 캐시는 왜 쓰나요?", "매번 모든 의존성을 다시 설치하면 시간이 많이 낭비되기 때문입니다."),
+        ("준비 상태 검사는 무엇을 확인하나요?", "모델이 적재되어 지금 요청을 받을 수 있는지 확인합니다."),
+        (
+            "4비트 양자화는 언제 하나요?",
+            "가중치가 GPU 메모리에 들어가지 않고 약간의 품질 손실을 감수할 수 있을 때입니다.",
+        ),
+        ("두 실험은 어떻게 비교하나요?", "두 실행을 기록한 뒤 매개변수와 지표를 나란히 비교하세요."),
+        ("학습에 시드를 왜 정하나요?", "데이터 순서와 초기값이 같아져서 다시 돌려도 같은 모델이 나옵니다."),
+        ("그래디언트 누적이란 무엇인가요?", "여러 작은 배치의 기울기를 더한 뒤 한 번에 최적화 단계를 밟는 방법입니다."),
+        ("잘못된 배포는 어떻게 되돌리나요?", "이전 이미지 태그로 다시 배포하고 문제 버전은 조사용으로 남겨 두세요."),
+    ],
+}
+
+
+class FakeTeacher(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible server that counts chat requests and answers deterministically by seed."""
+
+    chat_requests = 0
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"object": "list", "data": [{"id": "fake-teacher", "object": "model", "owned_by": "t"}]})
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).chat_requests += 1
+        prompt = req["messages"][-1]["content"]
+        korean = "Korean" in prompt
+        if prompt.startswith("Documentation:"):
+            reply = (
+                "문서에 따르면 이 명령은 추적 중인 데이터를 원격 저장소로 올리는 데 사용합니다."
+                if korean
+                else f"According to the docs: {prompt.splitlines()[1][:120]}"
+            )
+        else:
+            q, a = TOPICS["ko" if korean else "en"][req["seed"] % 8]
+            reply = f"Question: {q}\nAnswer: {a}"
+        self._send(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": req["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
+
+
+def _teacher_overrides(url: str, model: str, n: int, **kw) -> dict:
+    return {
+        "synthetic.generator": "teacher",
+        "synthetic.teacher.base_url": url,
+        "synthetic.teacher.model": model,
+        "synthetic.teacher.n_prompts": n,
+        **kw,
+    }
+
+
+def test_teacher_caches_responses_and_reruns_make_no_requests(tmp_path, base_model_dir):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        params = _setup(tmp_path, base_model_dir, _teacher_overrides(url, "fake-teacher", 8))
+        m = synthetic.main(str(params))
+        assert FakeTeacher.chat_requests == 8 and m["run"] == {"teacher_requests": 8, "teacher_cache_hits": 0}
+        assert m["rows_by_generator"] == {"synthetic:teacher": m["rows"]} and m["rows"] >= 6
+        assert m["rows_by_lang"].keys() == {"en", "ko"}
+        p = config.load(params, "synthetic")
+        out, cache = Path(p.paths.synthetic_dir) / "train.jsonl", Path(p.paths.synthetic_dir) / "teacher_cache.jsonl"
+        first = out.read_bytes()
+        assert len(io.read_jsonl(cache)) == 8 and "EMPTY" not in cache.read_text()
+
+        again = synthetic.main(str(params))
+        assert FakeTeacher.chat_requests == 8, "a rerun with the same params must not call the teacher"
+        assert again["run"] == {"teacher_requests": 0, "teacher_cache_hits": 8} and out.read_bytes() == first
+
+        yaml_p = yaml.safe_load(params.read_text())
+        yaml_p["seed"] = 99
+        params.write_text(yaml.safe_dump(yaml_p, allow_unicode=True))
+        synthetic.main(str(params))
+        assert FakeTeacher.chat_requests == 16 and len(io.read_jsonl(cache)) == 16  # new seed, new prompts; old kept
+
+        wrong = _setup(tmp_path, base_model_dir, _teacher_overrides(url, "not-served", 8, **{"seed": 5}))
+        with pytest.raises(
+            synthetic.SyntheticError, match="does not serve model 'not-served'.*synthetic.teacher.model"
+        ):
+            synthetic.main(str(wrong))
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_teacher_fails_with_one_clear_line(tmp_path, base_model_dir):
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    params = _setup(
+        tmp_path,
+        base_model_dir,
+        _teacher_overrides(url, "m", 4, **{"synthetic.teacher.max_retries": 0, "synthetic.teacher.timeout_s": 5}),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.synthetic", "--params", str(params)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"synthetic: error: teacher endpoint {url} is unreachable")
+    assert "synthetic.teacher.base_url" in last
+
+
+@pytest.fixture
+def vllm_teacher(base_model_dir, tmp_path):
+    """The real base model behind vLLM's OpenAI server on loopback (CPU); always terminated."""
+    port, name = _free_port(), "smollm2-teacher"
+    log = open(tmp_path / "vllm.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(base_model_dir),
+            "--served-model-name",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "1024",
+        ],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 480  # cold start ~90 s idle, minutes on a busy 2-core box
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode}: {(tmp_path / 'vllm.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("vLLM did not answer /v1/models within 480 s")
+            time.sleep(2)
+        yield url, name
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_teacher_against_vllm_server(vllm_teacher, tmp_path, base_model_dir):
+    url, name = vllm_teacher
+    params = _setup(tmp_path, base_model_dir, _teacher_overrides(url, name, 6, **{"synthetic.teacher.max_tokens": 96}))
+    m = synthetic.main(str(params))
+    assert m["run"] == {"teacher_requests": 6, "teacher_cache_hits": 0}
+    assert m["candidates"] == 6 and sum(m["filtered"].values()) + m["rows"] == 6
+    p = config.load(params, "synthetic")
+    out = Path(p.paths.synthetic_dir) / "train.jsonl"
+    cache = io.read_jsonl(Path(p.paths.synthetic_dir) / "teacher_cache.jsonl")
+    assert len(cache) == 6 and all(e["model"] == name and isinstance(e["response"], str) for e in cache)
+    first = out.read_bytes()
+    again = synthetic.main(str(params))
+    assert again["run"] == {"teacher_requests": 0, "teacher_cache_hits": 6} and out.read_bytes() == first
