@@ -46,6 +46,10 @@ serve: install
 smoke: install
 	$(BIN)/python -m serve smoke $(SMOKE_ARGS)
 
+# Every bench/bench_*.py in turn (speed figures for BENCHMARKS.md; results in bench/results/). Minutes each.
+bench: install
+	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python -m bench.$$(basename $$f .py); done
+
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

@@ -123,7 +123,7 @@ def mean_recall(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 def generation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     return {
         "chrf": chrf(hypotheses, references),
-        "rougeL": rouge_l(hypotheses, references),
+        "rouge_l": rouge_l(hypotheses, references),
         "keyword_recall": mean_recall(hypotheses, references),
     }
 

@@ -11,15 +11,7 @@ from typing import Any
 
 import torch
 
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them torch emulates bf16 matmuls on the CPU (measured 75x slower than
-    fp32 on an AVX2-only EPYC), so bf16 is only the fast path where the silicon has it."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from llmops.hardware import cpu_has_native_bf16
 
 
 def resolve_dtype(name: str) -> str:

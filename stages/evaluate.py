@@ -4,7 +4,7 @@
 
 On the first `evaluate.max_samples` test rows in id order (a hash order: stable when rows come or go):
   loss / perplexity  token-weighted mean NLL on assistant tokens + end-of-turn (llmops.chat.encode labels);
-  chrF, ROUGE-L, keyword_recall  on greedy answers to the conversation up to its last assistant turn, made
+  chrf, rouge_l, keyword_recall  on greedy answers to the conversation up to its last assistant turn, made
       with the chat template and eos ids serving uses (`evaluate.engine`: vllm = vLLM's offline engine,
       hf = transformers generate with left-padded batches, auto = vllm when it imports and starts);
   merge drift  |Δ loss| in nats/token between the merged model and the adapter as trained (nf4 base +
@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -34,7 +35,11 @@ from tqdm import tqdm
 from llmops import chat, config, io, log, metrics, modeling
 
 LANGS = ("en", "ko")
-PLOT_METRICS = {"chrf": ("chrF", 1.0), "rougeL": ("ROUGE-L ×100", 100.0), "keyword_recall": ("keyword recall %", 100.0)}
+PLOT_METRICS = {
+    "chrf": ("chrF", 1.0),
+    "rouge_l": ("ROUGE-L ×100", 100.0),
+    "keyword_recall": ("keyword recall %", 100.0),
+}
 
 
 class EvaluateError(RuntimeError):
@@ -46,15 +51,8 @@ def load_items(rows: list[dict], n: int) -> list[dict]:
     items = []
     for r in sorted(rows, key=lambda r: r["id"])[:n]:
         last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
-        items.append(
-            {
-                "id": r["id"],
-                "lang": r["lang"],
-                "messages": r["messages"],
-                "prompt": r["messages"][:last],
-                "reference": r["messages"][last]["content"],
-            }
-        )
+        items.append({"id": r["id"], "lang": r["lang"], "messages": r["messages"], "prompt": r["messages"][:last],
+                      "reference": r["messages"][last]["content"]})  # fmt: skip
     if not items:
         raise EvaluateError("the test split is empty: nothing to evaluate")
     return items
@@ -95,37 +93,32 @@ def eos_ids(model_dir: Path) -> tuple[list[int], int]:
     return eos, gen.pad_token_id if gen.pad_token_id is not None else eos[0]
 
 
+def until_eos(ids: list[int], eos: list[int]) -> list[int]:
+    return ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
+
+
 @torch.inference_mode()
-def generate_hf(
-    model, tokenizer, prompts: list[list[int]], eos: list[int], pad: int, max_new: int, bs: int
-) -> list[str]:
-    """Greedy answers with left-padded batches (prompts sorted by length so batches pad little)."""
+def generate_hf(model, prompts: list[list[int]], eos: list[int], pad: int, max_new: int, bs: int) -> list[list[int]]:
+    """Greedy answer ids (up to the first eos) with left-padded batches, prompts sorted by length to pad little."""
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: dict[int, str] = {}
+    answers: dict[int, list[int]] = {}
     for k in tqdm(range(0, len(order), bs), desc="generate hf", leave=False):
         idx = order[k : k + bs]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad)  # fmt: skip
         for i, row in zip(idx, out[:, width:].tolist(), strict=True):
-            stop = next((t for t, tok in enumerate(row) if tok in eos), len(row))
-            answers[i] = tokenizer.decode(row[:stop], skip_special_tokens=True).strip()
+            answers[i] = until_eos(row, eos)
     return [answers[i] for i in range(len(prompts))]
 
 
 def generate_vllm(
     model_dir: Path, prompts: list[list[int]], eos: list[int], max_new: int, dtype: str, seed: int
-) -> list[str]:
-    """Greedy answers from vLLM's offline engine (its own process), stopped by the served eos ids."""
+) -> list[list[int]]:
+    """Greedy answer ids from vLLM's offline engine (its own process), stopped by the served eos ids."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU backend needs a KV budget
     from vllm import LLM, SamplingParams
 
@@ -143,7 +136,7 @@ def generate_vllm(
         )
     finally:
         llm.llm_engine.engine_core.shutdown()
-    return [o.outputs[0].text.strip() for o in outs]
+    return [until_eos(list(o.outputs[0].token_ids), eos) for o in outs]
 
 
 def vllm_usable() -> bool:
@@ -155,19 +148,25 @@ def vllm_usable() -> bool:
 
 
 def summarize(items: list[dict], losses: list[dict], answers: list[str]) -> dict:
-    """{"all"|"en"|"ko": {loss, perplexity, chrf, rougeL, keyword_recall, n}} (a language absent → omitted)."""
-    out = {}
-    for scope in ("all", *LANGS):
-        idx = [i for i, it in enumerate(items) if scope == "all" or it["lang"] == scope]
-        if not idx:
-            continue
+    """{loss, perplexity, chrf, rouge_l, keyword_recall, n} over all rows, and the same under "en"/"ko"."""
+
+    def scores(idx: list[int]) -> dict:
         refs, hyps = [items[i]["reference"] for i in idx], [answers[i] for i in idx]
-        out[scope] = {
+        return {
             **metrics.perplexity([losses[i]["nll"] for i in idx], [losses[i]["n"] for i in idx]),
             **metrics.generation_scores(hyps, refs),
             "n": len(idx),
         }
+
+    out = scores(list(range(len(items))))
+    for lang in LANGS:
+        if idx := [i for i, it in enumerate(items) if it["lang"] == lang]:
+            out[lang] = scores(idx)
     return out
+
+
+def delta(tuned: dict, base: dict) -> dict:
+    return {k: delta(v, base[k]) if isinstance(v, dict) else v - base[k] for k, v in tuned.items() if k != "n"}
 
 
 def drift(merged: list[dict], trained: list[dict]) -> dict:
@@ -184,13 +183,16 @@ def drift(merged: list[dict], trained: list[dict]) -> dict:
 
 
 def plot_csv(base: dict, tuned: dict) -> str:
+    """metric,model,value rows for the grouped bar plot; every metric on a 0-100 scale so they share an axis."""
     buf = stdio.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["metric", "model", "value"])
     for key, (label, scale) in PLOT_METRICS.items():
-        for scope in base:
+        for scope in ("all", *(lang for lang in LANGS if lang in base)):
             for model, res in (("base", base), ("tuned", tuned)):
-                w.writerow([f"{label} ({scope})", model, round(res[scope][key] * scale, 4)])
+                w.writerow(
+                    [f"{label} ({scope})", model, round((res if scope == "all" else res[scope])[key] * scale, 4)]
+                )
     return buf.getvalue()
 
 
@@ -201,106 +203,93 @@ def _clean(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def score_model(model_dir: Path, items: list[dict], e: config.Evaluate, engine: str, dtype: str, seed: int):
+    """(per-row losses, answers, engine used) for a plain HF model folder; `auto` falls back to hf if vLLM fails.
+    vLLM runs the weights' `dtype` as serving does; transformers computes in modeling.resolve_dtype("auto")
+    (fp32 where bf16 is emulated: on AVX2 CPUs a bf16 forward is ~3x slower, the fp32 one exact on bf16 weights)."""
+    tok = modeling.load_tokenizer(model_dir)
+    eot = chat.end_of_turn_id(tok)
+    prompts = [chat.prompt_ids(tok, it["prompt"]) for it in items]
+    eos, pad = eos_ids(model_dir)
+    ids = None
+    if engine in ("vllm", "auto"):
+        try:
+            ids = generate_vllm(model_dir, prompts, eos, e.max_new_tokens, dtype, seed)
+            engine = "vllm"
+        except Exception as err:  # vLLM fails in many ways (no kernels for this CPU, OOM, ...)
+            if engine == "vllm":
+                raise EvaluateError(f"vLLM generation failed on {model_dir}: {type(err).__name__}: {err}") from err
+            log.get("evaluate").warning("vllm_failed_using_hf", error=f"{type(err).__name__}: {err}")
+    model = modeling.load_model(model_dir, quantize_4bit=False, dtype=modeling.resolve_dtype("auto")).eval()
+    losses = score_loss(model, [chat.encode(tok, it["messages"], eot) for it in items], e.batch_size, model_dir.name)
+    if ids is None:
+        engine = "hf"
+        ids = generate_hf(model, prompts, eos, pad, e.max_new_tokens, e.batch_size)
+    del model
+    gc.collect()
+    return losses, [tok.decode(a, skip_special_tokens=True).strip() for a in ids], engine
+
+
+def score_trained(base_dir: Path, adapter_dir: Path, prov: dict, items: list[dict], bs: int) -> list[dict]:
+    """Per-row losses of the adapter as trained: on the nf4 base (qlora) or the 16-bit base (lora)."""
+    from peft import PeftModel
+
+    base = modeling.load_model(base_dir, quantize_4bit=prov["method"] == "qlora", dtype=prov["compute_dtype"])
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    tok = modeling.load_tokenizer(adapter_dir)
+    return score_loss(model, [chat.encode(tok, it["messages"], prov["eot_id"]) for it in items], bs, "adapter")
+
+
 def main(params_file: str = "params.yaml") -> dict:
     p = config.load(params_file, "evaluate")
     e, paths = p.evaluate, p.paths
     logger = log.get("evaluate")
-    base_dir, merged_dir, adapter_dir = Path(paths.base_dir), Path(paths.merged_dir), Path(paths.adapter_dir)
-    train_prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
+    base_dir, adapter_dir = Path(paths.base_dir), Path(paths.adapter_dir)
+    prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
     dtype = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8")).get("dtype", "bfloat16")
     items = load_items(io.read_jsonl(Path(paths.processed_dir) / "test.jsonl"), e.max_samples)
-    engine = e.engine if e.engine != "auto" else ("vllm" if vllm_usable() else "hf")
+    engine = e.engine if e.engine != "auto" or vllm_usable() else "hf"
     logger.info("start", samples=len(items), engine=engine, max_new_tokens=e.max_new_tokens)
     torch.manual_seed(p.seed)
 
-    def run(model_dir: Path, name: str) -> tuple[list[dict], list[str]]:
-        nonlocal engine
-        tok = modeling.load_tokenizer(model_dir)
-        eot = chat.end_of_turn_id(tok)
-        encoded = [chat.encode(tok, it["messages"], eot) for it in items]
-        prompts = [chat.prompt_ids(tok, it["prompt"]) for it in items]
-        eos, pad = eos_ids(model_dir)
-        answers = None
-        if engine == "vllm":
-            try:
-                answers = generate_vllm(model_dir, prompts, eos, e.max_new_tokens, dtype, p.seed)
-            except Exception as err:  # vLLM fails in many ways (no kernels for this CPU, OOM, ...)
-                if e.engine == "vllm":
-                    raise EvaluateError(f"vLLM generation failed for {name}: {type(err).__name__}: {err}") from err
-                logger.warning("vllm_failed_fallback_hf", error=f"{type(err).__name__}: {err}")
-                engine = "hf"
-        model = modeling.load_model(model_dir, quantize_4bit=False, dtype=dtype).eval()
-        losses = score_loss(model, encoded, e.batch_size, name)
-        if answers is None:
-            tok.padding_side = "left"
-            answers = generate_hf(model, tok, prompts, eos, pad, e.max_new_tokens, e.batch_size)
-        del model
-        gc.collect()
-        return losses, answers
-
-    timing, t0 = {}, time.perf_counter()
-    base_losses, base_answers = run(base_dir, "base")
-    timing["base"] = time.perf_counter() - t0
-    tuned_losses, tuned_answers = run(merged_dir, "tuned")
-    timing["tuned"] = time.perf_counter() - t0 - timing["base"]
-
-    t1 = time.perf_counter()
-    from peft import PeftModel
-
-    qlora = train_prov["method"] == "qlora"
-    trained_base = modeling.load_model(base_dir, quantize_4bit=qlora, dtype=train_prov["compute_dtype"])
-    trained = PeftModel.from_pretrained(trained_base, adapter_dir).eval()
-    tok = modeling.load_tokenizer(adapter_dir)
-    encoded = [chat.encode(tok, it["messages"], train_prov["eot_id"]) for it in items]
-    merge_drift = drift(
-        tuned_losses, score_loss(trained, encoded, e.batch_size, "4-bit+adapter" if qlora else "adapter")
-    )
-    del trained, trained_base
-    timing["trained"] = time.perf_counter() - t1
-    timing["total"] = time.perf_counter() - t0
+    clock = [time.perf_counter()]
+    base_losses, base_answers, engine = score_model(base_dir, items, e, engine, dtype, p.seed)
+    clock.append(time.perf_counter())
+    tuned_losses, tuned_answers, engine = score_model(Path(paths.merged_dir), items, e, engine, dtype, p.seed)
+    clock.append(time.perf_counter())
+    gap = drift(tuned_losses, score_trained(base_dir, adapter_dir, prov, items, e.batch_size))
+    clock.append(time.perf_counter())
 
     base, tuned = summarize(items, base_losses, base_answers), summarize(items, tuned_losses, tuned_answers)
-    result = _clean(
-        {
-            "base": base,
-            "tuned": tuned,
-            "delta": {s: {k: v - base[s][k] for k, v in tuned[s].items() if k != "n"} for s in tuned},
-            "merge_drift": {
-                **merge_drift,
-                "trained": "4-bit+adapter" if qlora else "16-bit+adapter",
-                "max": e.max_merge_drift,
-                "passed": merge_drift["abs_loss_diff"] <= e.max_merge_drift,
-            },
-            "timing_s": {**{k: round(v, 1) for k, v in timing.items()}, "engine": engine},
-        }
+    gap.update(
+        trained=f"{'4' if prov['method'] == 'qlora' else '16'}-bit+adapter",
+        max=e.max_merge_drift,
+        passed=gap["abs_loss_diff"] <= e.max_merge_drift,
     )
+    seconds = dict(zip(("base", "tuned", "trained"), (round(b - a, 1) for a, b in pairwise(clock)), strict=True))
+    result = _clean({
+        "base": base,
+        "tuned": tuned,
+        "delta": delta(tuned, base),
+        "merge_drift": gap,
+        "timing_s": {**seconds, "total": round(clock[-1] - clock[0], 1), "engine": engine},
+    })  # fmt: skip
     samples = [
-        {
-            "id": it["id"],
-            "lang": it["lang"],
-            "prompt": it["prompt"][-1]["content"],
-            "reference": it["reference"],
-            "base": b,
-            "tuned": t,
-            "recall_base": metrics.term_recall(b, it["reference"]),
-            "recall_tuned": metrics.term_recall(t, it["reference"]),
-        }
+        {"id": it["id"], "lang": it["lang"], "prompt": it["prompt"][-1]["content"], "reference": it["reference"],
+         "base": b, "tuned": t, "recall_base": metrics.term_recall(b, it["reference"]),
+         "recall_tuned": metrics.term_recall(t, it["reference"])}
         for it, b, t in zip(items, base_answers, tuned_answers, strict=True)
-    ]
+    ]  # fmt: skip
     io.write_json(paths.eval_metrics, result)
     io.write_jsonl(paths.eval_samples, samples)
     io.write_text(paths.eval_plot, plot_csv(base, tuned))
-    logger.info(
-        "done",
-        **{f"{m}.{k}": v for m in ("base", "tuned", "delta") for k, v in result[m]["all"].items()},
-        merge_drift=round(merge_drift["abs_loss_diff"], 5),
-        seconds=result["timing_s"],
-    )
-    if not merge_drift["abs_loss_diff"] <= e.max_merge_drift:
+    logger.info("done", **{f"{m}.{k}": v for m in ("base", "tuned", "delta") for k, v in result[m].items() if k not in LANGS},
+                merge_drift=gap["abs_loss_diff"], seconds=result["timing_s"])  # fmt: skip
+    if not gap["passed"]:
         raise EvaluateError(
-            f"merged model drifts from the adapter as trained: |Δ loss| {merge_drift['abs_loss_diff']:.4f} nats/token"
-            f" > evaluate.max_merge_drift {e.max_merge_drift} (merged {merge_drift['merged_loss']:.4f}, trained"
-            f" {merge_drift['trained_loss']:.4f}); check merge.base_weights and the merge stage's parity figures"
+            f"the merged model drifts from the adapter as trained: |Δ loss| {gap['abs_loss_diff']:.4f} nats/token"
+            f" > evaluate.max_merge_drift {e.max_merge_drift} (merged {gap['merged_loss']:.4f}, trained"
+            f" {gap['trained_loss']:.4f}); see the merge stage's parity figures, try merge.base_weights: dequantized"
         )
     return result
 

@@ -48,14 +48,15 @@ def read_adapter(adapter_dir: Path, base_dir: Path) -> dict:
     return prov
 
 
-def load_base16(base_dir: Path, base_weights: str, method: str, compute_dtype: str, dtype: str):
-    """The 16-bit base to merge into: W16 as shipped, or nf4-quantized then dequantized to `dtype`."""
+def load_base16(base_dir: Path, base_weights: str, prov: dict, dtype: str):
+    """The 16-bit base to merge into, held in `dtype`: W16 as shipped, or nf4-quantized (as in training)
+    then dequantized."""
     if base_weights == "original":
         return modeling.load_model(base_dir, quantize_4bit=False, dtype=dtype)
-    if method != "qlora":
+    if prov["method"] != "qlora":
         raise MergeError("merge.base_weights=dequantized needs a qlora adapter (this one trained on 16-bit weights)")
-    model = modeling.load_model(base_dir, quantize_4bit=True, dtype=compute_dtype)
-    return model.dequantize(dtype=modeling.torch_dtype(dtype))
+    model = modeling.load_model(base_dir, quantize_4bit=True, dtype=prov["compute_dtype"])
+    return model.dequantize(dtype=modeling.torch_dtype(dtype)).to(modeling.torch_dtype(dtype))  # + norms/embeddings
 
 
 def with_adapter(model, adapter_dir: Path):
@@ -69,8 +70,10 @@ def merge_adapter(base, adapter_dir: Path):
     return with_adapter(base, adapter_dir).merge_and_unload(safe_merge=True)
 
 
-def save_merged(model, tokenizer, eot_id: int, out: Path) -> list[int]:
-    """safetensors + tokenizer/template + a generation config whose eos ids include end-of-turn."""
+def save_merged(model, tokenizer, eot_id: int, dtype: str, out: Path) -> list[int]:
+    """`dtype` safetensors + tokenizer/template + a generation config whose eos ids include end-of-turn."""
+    model.to(modeling.torch_dtype(dtype))  # one rounding, after W + BA was summed in the compute dtype
+    model.config.dtype = dtype
     gen = model.generation_config
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     gen.eos_token_id = sorted({e for e in eos if e is not None} | {eot_id})
@@ -102,16 +105,16 @@ def assistant_logits(model, samples: list[chat.Encoded], desc: str) -> list[torc
 def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
     """|Δ logit| max/mean, mean KL(ref ‖ got) per position, top-1 agreement: all over assistant positions."""
     n = sum(r.shape[0] for r in ref)
-    abs_sum = kl_sum = agree = 0.0
-    abs_max = 0.0
+    abs_max, abs_sum, kl_sum, agree = torch.tensor(0.0), 0.0, 0.0, 0.0
     for r, g in zip(ref, got, strict=True):
         d = (r - g).abs()
-        abs_max, abs_sum = max(abs_max, d.max().item()), abs_sum + d.mean(-1).sum().item()
+        abs_max = torch.maximum(abs_max, d.max())  # torch, not max(): a NaN must propagate, not vanish
+        abs_sum += d.mean(-1).sum().item()
         lr, lg = torch.log_softmax(r, -1), torch.log_softmax(g, -1)
-        kl_sum += (lr.exp() * (lr - lg)).sum(-1).clamp_min(0).sum().item()
+        kl_sum += (lr.exp() * (lr - lg)).sum(-1).sum().item()
         agree += (r.argmax(-1) == g.argmax(-1)).sum().item()
     return {
-        "max_logit_abs_diff": abs_max,
+        "max_logit_abs_diff": abs_max.item(),
         "mean_logit_abs_diff": abs_sum / n,
         "mean_kl": kl_sum / n,
         "top1_agreement": agree / n,
@@ -136,13 +139,15 @@ def main(params_file: str = "params.yaml") -> dict:
     logger = log.get("merge")
     base_dir, adapter_dir = Path(paths.base_dir), Path(paths.adapter_dir)
     prov = read_adapter(adapter_dir, base_dir)
-    method, compute_dtype = prov["method"], prov["compute_dtype"]
+    method = prov["method"]
     dtype = prov["base_provenance"].get("dtype", "bfloat16")  # merged weights keep the base's 16-bit dtype
+    # Merge and compare in fp32 where bf16 is emulated (AVX2 CPUs: also far faster), else in bf16/fp16.
+    compute = modeling.resolve_dtype("auto")
     tokenizer = modeling.load_tokenizer(adapter_dir)  # the tokenizer + template training used
     eot = prov["eot_id"]
     samples = parity_samples(io.read_jsonl(Path(paths.processed_dir) / "val.jsonl"), tokenizer, eot, m.parity_samples)
-    torch.manual_seed(p.seed)
-    logger.info("merge", method=method, base_weights=m.base_weights, dtype=dtype, parity_samples=len(samples))
+    logger.info("merge", method=method, base_weights=m.base_weights, dtype=dtype, compute_dtype=compute,
+                parity_samples=len(samples))  # fmt: skip
 
     def logits_of(load, desc: str) -> list[torch.Tensor]:
         model = load()  # one model in memory at a time: a GPU box holds one 16-bit 8B copy, not three
@@ -153,14 +158,14 @@ def main(params_file: str = "params.yaml") -> dict:
             torch.cuda.empty_cache()
         return out
 
-    base16 = lambda: load_base16(base_dir, m.base_weights, method, compute_dtype, dtype)  # noqa: E731
+    base16 = lambda: load_base16(base_dir, m.base_weights, prov, compute)  # noqa: E731
     with io.atomic_dir(paths.merged_dir) as staging:
-        eos = save_merged(merge_adapter(base16(), adapter_dir), tokenizer, eot, staging)
-        got = logits_of(lambda: modeling.load_model(staging, quantize_4bit=False, dtype=dtype).eval(), "merged")
+        eos = save_merged(merge_adapter(base16(), adapter_dir), tokenizer, eot, dtype, staging)
+        got = logits_of(lambda: modeling.load_model(staging, quantize_4bit=False, dtype=compute).eval(), "merged")
         figures = {"vs_unmerged": compare(logits_of(lambda: with_adapter(base16(), adapter_dir), "unmerged"), got)}
         fails = check(figures["vs_unmerged"], m.max_logit_abs_diff, m.max_kl, "merged vs unmerged")
         if method == "qlora":
-            nf4 = lambda: modeling.load_model(base_dir, quantize_4bit=True, dtype=compute_dtype)  # noqa: E731
+            nf4 = lambda: modeling.load_model(base_dir, quantize_4bit=True, dtype=prov["compute_dtype"])  # noqa: E731
             figures["vs_trained"] = compare(logits_of(lambda: with_adapter(nf4(), adapter_dir), "4-bit+adapter"), got)
             fails += check(
                 figures["vs_trained"],

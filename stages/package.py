@@ -3,7 +3,9 @@
     python -m stages.package [--params params.yaml]
 
 Input: `paths.merged_dir` (plain HF folder), `paths.base_dir/provenance.json`, `paths.train_metrics`,
-`paths.eval_metrics`. Output (`paths.package_dir`, written atomically): every merged file, `MODEL_CARD.md` and
+`paths.merge_metrics`. Not `paths.eval_metrics`: an evaluate-only change (more samples, longer generations) must
+rerun evaluate alone, not rebuild what a serving box pulls; eval results live in git (metrics/eval.json).
+Output (`paths.package_dir`, written atomically): every merged file, `MODEL_CARD.md` and
 `manifest.json` = sha256 + size of every other file, base provenance, a digest of the params that produced the
 model, headline metrics and the serving defaults `python -m serve` starts vLLM with.
 
@@ -26,7 +28,7 @@ from llmops import chat, config, io, log, modeling
 MANIFEST, CARD, TEMPLATE, GENCONFIG = "manifest.json", "MODEL_CARD.md", "chat_template.jinja", "generation_config.json"
 # Everything that decides the weights and the reported metrics; `paths` is left out so the digest is the same
 # wherever the pipeline ran, `serve` because serving settings never change what was built.
-DIGEST_SECTIONS = ("base", "preprocess", "synthetic", "train", "merge", "evaluate", "package")
+DIGEST_SECTIONS = ("base", "preprocess", "synthetic", "train", "merge", "package")
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -73,12 +75,12 @@ def serving_defaults(merged: Path, pkg: config.Package, tokenizer) -> dict:
 
 
 def headline(keys: tuple[str, ...], sources: dict[str, dict | None]) -> tuple[dict, list[str]]:
-    """Look up `train.a.b` / `eval.a.b`; missing keys (or a missing file) become None and are listed."""
+    """Look up `train.a.b` / `merge.a.b`; missing keys (or a missing file) become None and are listed."""
     values, missing = {}, []
     for key in keys:
         src, _, dotted = key.partition(".")
-        if src not in ("train", "eval") or not dotted:
-            raise PackageError(f"package.headline_metrics: {key!r} must look like train.<key> or eval.<key.path>")
+        if src not in ("train", "merge") or not dotted:
+            raise PackageError(f"package.headline_metrics: {key!r} must look like train.<key> or merge.<key.path>")
         node = sources.get(src)
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -170,7 +172,7 @@ def build(p: config.Params, out: Path, logger) -> dict:
     base_prov = json.loads((Path(p.paths.base_dir) / "provenance.json").read_text(encoding="utf-8"))
     base_prov.pop("files", None)  # the base's own file hashes say nothing about this package
     sources = {}
-    for name, path in (("train", p.paths.train_metrics), ("eval", p.paths.eval_metrics)):
+    for name, path in (("train", p.paths.train_metrics), ("merge", p.paths.merge_metrics)):
         try:
             sources[name] = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -11,8 +11,12 @@ a micro-batch is one flat row with position ids restarting per example (padding-
 DataCollatorWithFlattening): attention never crosses examples and no pad token is computed.
 Resume: checkpoints go to `<checkpoint_dir>/<run key>/` (key = hash of params, base model and data), so
 after a kill the next run continues from the last complete checkpoint; a run with other params/data wipes
-them. Outputs: the adapter (`paths.adapter_dir`, with tokenizer + train_provenance.json), `paths.train_metrics`
-and the per-step `paths.train_curve`. Tracking: one MLflow run (MLFLOW_TRACKING_URI, else `paths.mlflow_uri`).
+them; the last checkpoint stays, so a forced rerun with unchanged inputs only re-exports. Outputs: the adapter
+(`paths.adapter_dir`, with tokenizer + train_provenance.json), `paths.train_metrics` and the per-step
+`paths.train_curve`. Tracking: one MLflow run per training (MLFLOW_TRACKING_URI, else `paths.mlflow_uri`);
+tracking failures only warn, except an explicitly set MLFLOW_TRACKING_URI that is down (error before training).
+Determinism: same params + data + machine + thread count → the same adapter bytes (tested on CPU); other CPUs,
+thread counts or library versions may change float reduction order, hence the last bits.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from pathlib import Path
 from llmops import chat, config, io, log, modeling
 
 CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "lr", "tokens_per_s")
-logger = log.get("train")
 
 
 class TrainError(RuntimeError):
@@ -102,9 +105,11 @@ class Collator:
         width = max(len(f["input_ids"]) for f in feats)
         pad = [width - len(f["input_ids"]) for f in feats]
         return {
-            "input_ids": torch.tensor([f["input_ids"] + [self.pad_id] * p for f, p in zip(feats, pad)]),
-            "labels": torch.tensor([f["labels"] + [chat.IGNORE_INDEX] * p for f, p in zip(feats, pad)]),
-            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(feats, pad)]),
+            "input_ids": torch.tensor([f["input_ids"] + [self.pad_id] * p for f, p in zip(feats, pad, strict=True)]),
+            "labels": torch.tensor([f["labels"] + [chat.IGNORE_INDEX] * p for f, p in zip(feats, pad, strict=True)]),
+            "attention_mask": torch.tensor(
+                [[1] * len(f["input_ids"]) + [0] * p for f, p in zip(feats, pad, strict=True)]
+            ),
         }
 
 
@@ -139,6 +144,14 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
 # ---------------------------------------------------------------- tracking
 
 
+def git_rev() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def mlflow_start(paths: config.Paths, experiment: str, run_dir: Path, params: dict) -> str | None:
     """Start (or, on resume, reopen) the MLflow run; None = tracking off. An explicitly set
     MLFLOW_TRACKING_URI that does not answer is an error before training; the default store only warns."""
@@ -155,12 +168,17 @@ def mlflow_start(paths: config.Paths, experiment: str, run_dir: Path, params: di
         tags = {"mlflow.source.name": "stages/train.py"}
         if exp := os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = exp
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        if rev.returncode == 0:
-            tags["git_rev"] = rev.stdout.strip()
+        if rev := git_rev():
+            tags["git_rev"] = rev
         id_file = run_dir / "mlflow_run_id"
         prev = id_file.read_text().strip() if id_file.exists() else None
-        run = mlflow.start_run(run_id=prev) if prev else mlflow.start_run(run_name=run_dir.name, tags=tags)
+        run = None
+        if prev:  # a resumed training continues its MLflow run
+            try:
+                run = mlflow.start_run(run_id=prev)
+            except Exception:
+                prev = None
+        run = run or mlflow.start_run(run_name=run_dir.name, tags=tags)
         if not prev:
             mlflow.log_params(params)
             io.write_text(id_file, run.info.run_id)
@@ -170,28 +188,45 @@ def mlflow_start(paths: config.Paths, experiment: str, run_dir: Path, params: di
             raise TrainError(
                 f"MLFLOW_TRACKING_URI={explicit} is unreachable or refused the run: {type(e).__name__}: {e}"
             ) from None
-        logger.warning("mlflow_off", uri=uri, error=f"{type(e).__name__}: {e}")
+        log.get("train").warning("mlflow_off", uri=uri, error=f"{type(e).__name__}: {e}")
         return None
+
+
+def mlflow_end(run_id: str, metrics: dict | None, step: int) -> None:
+    """Close the run: FINISHED with the final metrics, or FAILED when training raised."""
+    try:
+        import mlflow
+
+        if metrics is not None:
+            nums = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+            mlflow.log_metrics(nums, step=step, run_id=run_id)
+        mlflow.end_run(status="FINISHED" if metrics is not None else "FAILED")
+    except Exception as e:
+        log.get("train").warning("mlflow_off", error=f"{type(e).__name__}: {e}")
 
 
 def callbacks(run_id: str | None, patience: int) -> list:
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class StepLog(TrainerCallback):
-        """Adds per-step real tokens/s to the log history (checkpointed, so the curve survives a resume)
-        and mirrors metrics to MLflow; an MLflow failure turns tracking off, never the training."""
+        """Adds each step's real tokens/s (forward+backward+optimizer time; evals and saves excluded) to
+        the log history, which checkpoints carry, so the curve survives a resume. Mirrors logs to MLflow,
+        where a failure turns tracking off, never the training."""
 
         def __init__(self):
-            self.t, self.tokens, self.run_id = None, None, run_id
+            self.run_id, self.rate = run_id, None
+            self.session_tokens, self.session_s = 0, 0.0
 
-        def on_train_begin(self, args, state, control, **kw):
+        def on_step_begin(self, args, state, control, **kw):
             self.t, self.tokens = time.perf_counter(), state.num_input_tokens_seen
 
+        def on_step_end(self, args, state, control, **kw):
+            dt, n = time.perf_counter() - self.t, state.num_input_tokens_seen - self.tokens
+            self.session_tokens, self.session_s, self.rate = self.session_tokens + n, self.session_s + dt, n / dt
+
         def on_log(self, args, state, control, logs=None, **kw):
-            if "loss" in (logs or {}) and self.t is not None:
-                now, seen = time.perf_counter(), state.num_input_tokens_seen
-                state.log_history[-1]["tokens_per_s"] = (seen - self.tokens) / max(now - self.t, 1e-9)
-                self.t, self.tokens = now, seen
+            if "loss" in (logs or {}) and self.rate is not None:
+                state.log_history[-1]["tokens_per_s"] = self.rate
             if self.run_id and state.is_world_process_zero:
                 nums = {k: v for k, v in state.log_history[-1].items() if isinstance(v, (int, float)) and k != "step"}
                 try:
@@ -199,10 +234,16 @@ def callbacks(run_id: str | None, patience: int) -> list:
 
                     mlflow.log_metrics(nums, step=state.global_step, run_id=self.run_id)
                 except Exception as e:
-                    logger.warning("mlflow_off", error=f"{type(e).__name__}: {e}")
+                    log.get("train").warning("mlflow_off", error=f"{type(e).__name__}: {e}")
                     self.run_id = None
 
     return [StepLog()] + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience else [])
+
+
+def session_rate(trainer) -> float | None:
+    """Real (non-padding) tokens per second of optimizer-step time in this run (all processes)."""
+    cb = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "session_tokens"))
+    return cb.session_tokens / cb.session_s if cb.session_s else None
 
 
 def curve(log_history: list[dict], base_eval_loss: float | None) -> list[dict]:
@@ -264,12 +305,15 @@ def resolve_compute(t: config.Train) -> tuple[str, object]:
 
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dtype = t.compute_dtype
+    dtype = modeling.resolve_dtype(t.compute_dtype)
     if dtype == "float16" and not cuda:
-        raise TrainError("train.compute_dtype=float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
+        raise TrainError("train.compute_dtype=float16 needs a CUDA GPU; use auto, bfloat16 or float32 on CPU")
     if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-        logger.warning("no_bf16", fallback="float16")
-        dtype = "float16"
+        raise TrainError("train.compute_dtype=bfloat16 but this GPU lacks bf16; use auto or float16")
+    if dtype == "bfloat16" and not cuda and not modeling.cpu_has_native_bf16():
+        log.get("train").warning(
+            "bf16_emulated", hint="this CPU lacks AVX512-BF16/AMX: compute_dtype auto (fp32) is faster"
+        )
     spec = t.device_map
     if world > 1:
         if isinstance(spec, dict):
@@ -333,6 +377,33 @@ def training_args(t: config.Train, out: Path, seed: int, compute_dtype: str):
 # ---------------------------------------------------------------- main
 
 
+def checkpoint_run_dir(root: Path, key: str, wipe_others: bool) -> Path:
+    """`<root>/<key>/`; runs under any other key can never be resumed, so their space is reclaimed."""
+    if wipe_others and root.exists():
+        for other in root.iterdir():
+            if other.name != key:
+                log.get("train").info("wipe_stale_checkpoints", path=str(other))
+                shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink()
+    (root / key).mkdir(parents=True, exist_ok=True)
+    return root / key
+
+
+def summarize(trainer, result, base_loss: float, final_eval: float, resume: Path | None, t: config.Train) -> dict:
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "method": t.method,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "base_eval_loss": base_loss,
+        "eval_loss": final_eval,
+        "train_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),  # mean of the last 10 steps
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": session_rate(trainer),  # real tokens (no padding) / optimizer-step time, this session
+        "train_wall_s": round(result.metrics["train_runtime"], 2),  # this session, evals and saves included
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+    }
+
+
 def main(params_file: str = "params.yaml") -> dict:
     t0 = time.perf_counter()
     p = config.load(params_file, "train", "preprocess")
@@ -348,40 +419,43 @@ def main(params_file: str = "params.yaml") -> dict:
             f"({t.save_every}) must be a multiple of train.eval_every ({t.eval_every})"
         )
     compute_dtype, device_map = resolve_compute(t)
-    from transformers import Trainer
-
+    logger = log.get("train")
     base_dir = Path(paths.base_dir)
-    data_files = [
-        Path(paths.processed_dir) / "train.jsonl",
-        Path(paths.synthetic_dir) / "train.jsonl",
-        Path(paths.processed_dir) / "val.jsonl",
-    ]
-    for f in data_files:
+    files = {
+        "train": Path(paths.processed_dir) / "train.jsonl",
+        "synthetic": Path(paths.synthetic_dir) / "train.jsonl",
+        "val": Path(paths.processed_dir) / "val.jsonl",
+    }
+    for f in files.values():
         if not f.exists():
             raise TrainError(f"{f} missing: run `dvc repro preprocess synthetic` first")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    key = run_key(t, p.seed, max_len, base_dir, data_files, world)
-    ckpt_root = Path(paths.checkpoint_dir)
-    run_dir = ckpt_root / key
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if rank0 and ckpt_root.exists():
-        for other in ckpt_root.iterdir():
-            if other.name != key:  # other params/data: never resumable, so reclaim the space
-                logger.info("wipe_stale_checkpoints", path=str(other))
-                shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    train_rows = io.read_jsonl(files["train"]) + io.read_jsonl(files["synthetic"])
+    val_rows = io.read_jsonl(files["val"])
+    if not val_rows:
+        raise TrainError(f"{files['val']} is empty: eval needs a val split (preprocess.val_frac > 0)")
+    world, rank0 = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+    key = run_key(t, p.seed, max_len, base_dir, list(files.values()), world)
+    run_dir = checkpoint_run_dir(Path(paths.checkpoint_dir), key, wipe_others=rank0)
     resume = last_complete_checkpoint(run_dir)
+    params = {
+        **config.asdict(t),
+        "seed": p.seed,
+        "max_seq_len": max_len,
+        "compute_dtype_resolved": compute_dtype,
+        "run_key": key,
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "world_size": world,
+    }
+    run_id = mlflow_start(paths, t.mlflow_experiment, run_dir, params) if rank0 else None  # fails before training
+
+    from transformers import Trainer
 
     tokenizer = modeling.load_tokenizer(base_dir)
     eot = chat.end_of_turn_id(tokenizer)
-    train_rows = io.read_jsonl(data_files[0]) + io.read_jsonl(data_files[1])
-    val_rows = io.read_jsonl(data_files[2])
-    if not val_rows:
-        raise TrainError(f"{data_files[2]} is empty: eval needs a val split (preprocess.val_frac > 0)")
     train_ex = encode_rows(train_rows, tokenizer, eot, max_len)
-    val_ex = encode_rows(val_rows, tokenizer, eot, max_len)
     train_ds = make_batches(train_ex, t.tokens_per_batch, t.packing, p.seed)
-    val_ds = make_batches(val_ex, t.tokens_per_batch, t.packing, None)
+    val_ds = make_batches(encode_rows(val_rows, tokenizer, eot, max_len), t.tokens_per_batch, t.packing, None)
     logger.info(
         "data",
         train_rows=len(train_rows),
@@ -389,23 +463,10 @@ def main(params_file: str = "params.yaml") -> dict:
         train_batches=len(train_ds),
         train_tokens=sum(len(e["input_ids"]) for e in train_ex),
         run_key=key,
-        resume=str(resume) if resume else None,
+        resume=str(resume or ""),
     )
-
-    model = build_model(base_dir, t, compute_dtype, device_map, p.seed)
-    mlflow_params = {
-        **{k: str(v) for k, v in config.asdict(t).items()},
-        "seed": p.seed,
-        "max_seq_len": max_len,
-        "compute_dtype": compute_dtype,
-        "run_key": key,
-        "train_rows": len(train_rows),
-        "val_rows": len(val_rows),
-        "base_dir": str(base_dir),
-    }
-    run_id = mlflow_start(paths, t.mlflow_experiment, run_dir, mlflow_params) if rank0 else None
     trainer = Trainer(
-        model=model,
+        model=build_model(base_dir, t, compute_dtype, device_map, p.seed),
         args=training_args(t, run_dir, p.seed, compute_dtype),
         train_dataset=train_ds,
         eval_dataset=val_ds,
@@ -413,78 +474,59 @@ def main(params_file: str = "params.yaml") -> dict:
         processing_class=tokenizer,
         callbacks=callbacks(run_id, t.early_stopping_patience),
     )
-    base_file = run_dir / "base_eval.json"
-    if base_file.exists():
-        base_loss = json.loads(base_file.read_text())["eval_loss"]
-    else:  # LoRA B starts at zero: the untrained peft model is the base model
-        base_loss = trainer.evaluate()["eval_loss"]
-        if rank0:
-            io.write_json(base_file, {"eval_loss": base_loss})
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except (RuntimeError, MemoryError) as e:
-        if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
-            raise TrainError(
-                f"out of memory: lower train.tokens_per_batch ({t.tokens_per_batch}) or "
-                f"preprocess.max_seq_len ({max_len}), or set train.gradient_checkpointing: true"
-            ) from e
-        raise
-    hist = trainer.state.log_history
-    evals = [e for e in hist if "eval_loss" in e]
-    if not evals or evals[-1]["step"] != trainer.state.global_step or t.early_stopping_patience:
-        evals.append({"step": trainer.state.global_step, **trainer.evaluate()})
-    if not trainer.is_world_process_zero():
-        return {}
-    train_s = sum(e.get("train_runtime", 0.0) for e in hist if "train_runtime" in e)
-    session = [e for e in hist if "train_runtime" in e][-1]
-    steps_loss = [e["loss"] for e in hist if "loss" in e]
-    metrics = {
-        "method": t.method,
-        "compute_dtype": compute_dtype,
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "base_eval_loss": base_loss,
-        "eval_loss": evals[-1]["eval_loss"],
-        "train_loss": sum(steps_loss[-10:]) / max(1, len(steps_loss[-10:])),  # mean of the last 10 steps
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": session.get("train_tokens_per_second"),  # this session's real tokens (no padding)
-        "train_wall_s": round(train_s, 2),
-        "stage_wall_s": round(time.perf_counter() - t0, 2),
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
-        "train_rows": len(train_rows),
-        "val_rows": len(val_rows),
-    }
-    with io.atomic_dir(paths.adapter_dir) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        io.write_json(
-            tmp / "train_provenance.json",
-            {
-                "method": t.method,
-                "compute_dtype": compute_dtype,
-                "base_dir": str(base_dir),
-                "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
-                "seed": p.seed,
-                "train": config.asdict(t),
-                "eot_id": eot,
-            },
-        )
-    io.write_json(paths.train_metrics, metrics)
-    io.write_text(paths.train_curve, to_csv(curve(hist, base_loss)))
-    if run_id:
+        base_file = run_dir / "base_eval.json"
+        if base_file.exists():
+            base_loss = json.loads(base_file.read_text())["eval_loss"]
+        else:  # LoRA B starts at zero: the untrained peft model is the base model
+            base_loss = trainer.evaluate()["eval_loss"]
+            if rank0:
+                io.write_json(base_file, {"eval_loss": base_loss})
         try:
-            import mlflow
-
-            mlflow.log_metrics(
-                {f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                step=trainer.state.global_step,
-                run_id=run_id,
-            )
-            mlflow.end_run()
-        except Exception as e:
-            logger.warning("mlflow_off", error=f"{type(e).__name__}: {e}")
-    logger.info("done", **{k: metrics[k] for k in ("steps", "base_eval_loss", "eval_loss", "tokens_per_s")})
-    return metrics
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except (RuntimeError, MemoryError) as e:
+            if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+                raise TrainError(
+                    f"out of memory: lower train.tokens_per_batch ({t.tokens_per_batch}) or preprocess.max_seq_len "
+                    f"({max_len}), or set train.gradient_checkpointing: true"
+                ) from e
+            raise
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+        if not evals or evals[-1]["step"] != trainer.state.global_step or t.early_stopping_patience:
+            evals.append({"step": trainer.state.global_step, **trainer.evaluate()})  # best model's, if restored
+        # Every rank takes part in the save (FSDP gathers the shards); only the main process writes.
+        staging = run_dir / "adapter-staging"
+        if trainer.is_fsdp_enabled:
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(staging))
+        if not trainer.is_world_process_zero():
+            return {}
+        metrics = summarize(trainer, result, base_loss, evals[-1]["eval_loss"], resume, t)
+        metrics.update(
+            compute_dtype=compute_dtype,
+            train_rows=len(train_rows),
+            val_rows=len(val_rows),
+            stage_wall_s=round(time.perf_counter() - t0, 2),
+        )
+        with io.atomic_dir(paths.adapter_dir) as tmp:
+            for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+                shutil.move(staging / name, tmp / name)  # not training_args.bin: a pickle, and path-dependent
+            shutil.rmtree(staging)
+            tokenizer.save_pretrained(tmp)
+            io.write_json(tmp / "train_provenance.json", {
+                "method": t.method, "compute_dtype": compute_dtype, "base_dir": str(base_dir),
+                "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
+                "seed": p.seed, "train": config.asdict(t), "eot_id": eot,
+            })  # fmt: skip
+        io.write_json(paths.train_metrics, metrics)
+        io.write_text(paths.train_curve, to_csv(curve(trainer.state.log_history, base_loss)))
+        mlflow_end(run_id, metrics, trainer.state.global_step)
+        run_id = None
+        logger.info("done", **{k: metrics[k] for k in ("steps", "base_eval_loss", "eval_loss", "tokens_per_s")})
+        return metrics
+    finally:
+        if run_id:
+            mlflow_end(run_id, None, 0)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -106,3 +107,20 @@ def test_wrong_adapter_is_refused_before_any_work(tmp_path, tiny_model_dir):
     assert proc.stderr.strip().splitlines()[-1].startswith("merge: error: ")
     assert "trained on another base" in proc.stderr
     assert not (tmp_path / "models" / "merged").exists()
+
+
+def test_parity_figures_by_hand_and_nan_fails():
+    # one position, vocab 2: p = softmax(0, 0) = (1/2, 1/2), q = softmax(0, ln 3) = (1/4, 3/4)
+    # KL(p‖q) = 1/2·ln(2) + 1/2·ln(2/3) = 1/2·ln(4/3); |Δlogit| = (0, ln 3); argmax 0 vs 1
+    got = merge.compare([torch.tensor([[0.0, 0.0]])], [torch.tensor([[0.0, math.log(3)]])])
+    assert got == pytest.approx(
+        {
+            "max_logit_abs_diff": math.log(3),
+            "mean_logit_abs_diff": math.log(3) / 2,
+            "mean_kl": math.log(4 / 3) / 2,
+            "top1_agreement": 0.0,
+        }
+    )
+    nan = merge.compare([torch.zeros(2, 3)], [torch.tensor([[0.0, 0.0, 0.0], [0.0, float("nan"), 0.0]])])
+    assert math.isnan(nan["max_logit_abs_diff"])
+    assert len(merge.check(nan, 1.0, 0.05, "merged vs unmerged")) == 2  # NaN never passes a threshold

