@@ -323,7 +323,9 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:
         if k not in fields:
-            errors.append(f"{prefix}.{k}: unknown key (known: {', '.join(fields)})")
+            home = [f"{n}.{k}" for n, c in SECTIONS.items() if c is not cls and k in {f.name for f in dataclasses.fields(c)}]
+            hint = f"; it belongs in {' or '.join(home)}" if home else ""
+            errors.append(f"{prefix}.{k}: unknown key (known: {', '.join(fields)}){hint}")
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}"

@@ -496,6 +496,8 @@ def main(params_file: str = "params.yaml") -> dict:
             evals.append({"step": trainer.state.global_step, **trainer.evaluate()})  # best model's, if restored
         # Every rank takes part in the save (FSDP gathers the shards); only the main process writes.
         staging = run_dir / "adapter-staging"
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)
         if trainer.is_fsdp_enabled:
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(staging))
@@ -509,8 +511,9 @@ def main(params_file: str = "params.yaml") -> dict:
             stage_wall_s=round(time.perf_counter() - t0, 2),
         )
         with io.atomic_dir(paths.adapter_dir) as tmp:
-            for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
-                shutil.move(staging / name, tmp / name)  # not training_args.bin: a pickle, and path-dependent
+            for f in staging.iterdir():
+                if f.name != "training_args.bin":  # a pickle holding run paths: not in a hashed, shipped output
+                    shutil.move(f, tmp / f.name)
             shutil.rmtree(staging)
             tokenizer.save_pretrained(tmp)
             io.write_json(tmp / "train_provenance.json", {

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What a clean clone holds (besides data/raw): enough to run `dvc repro` in a copy.
 REPO_FILES = ["dvc.yaml", "params.yaml", "requirements.txt", "requirements-cpu.txt", "requirements-gpu.txt", "Makefile",
               "data/docs_snapshot.json"]
-REPO_DIRS = ["stages", "llmops", "serve", "data/raw", ".dvc"]
+REPO_DIRS = ["stages", "llmops", "serve", "configs", "data/raw", ".dvc"]
 
 
 def repo_params() -> dict:
@@ -101,10 +101,11 @@ def repo_copy(tmp_path) -> Path:
     dst.mkdir()
     for f in REPO_FILES:
         if (ROOT / f).exists():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / f, dst / f)
     for d in REPO_DIRS:
         if (ROOT / d).exists():
-            shutil.copytree(ROOT / d, dst / d, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+            shutil.copytree(ROOT / d, dst / d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     shutil.copy(ROOT / ".gitignore", dst / ".gitignore")
     _git(dst, "init", "-q", "-b", "main")
     _git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")

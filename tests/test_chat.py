@@ -20,7 +20,7 @@ def test_labels_cover_exactly_assistant_replies_and_end_of_turn(tok):
             {"role": "assistant", "content": "Data Version Control."}, {"role": "user", "content": "그리고 MLflow는?"},
             {"role": "assistant", "content": "실험 추적 도구입니다."}]
     enc = chat.encode(tok, msgs, eot)
-    trained = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100])
+    trained = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab != -100])
     assert trained == "Data Version Control.<|im_end|>실험 추적 도구입니다.<|im_end|>"
     assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[1] != tok.bos_token_id
     assert tok.decode(enc.input_ids) == tok.apply_chat_template(msgs, tokenize=False)

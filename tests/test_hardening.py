@@ -587,13 +587,12 @@ def test_kill_9_during_package_leaves_previous_or_nothing_and_rerun_succeeds(
 ):
     """The real base model stands in for the merged one: copying and hashing 270 MB leaves a window to kill in."""
     from stages import package
-    from tests.test_package import EVAL_METRICS, TRAIN_METRICS, build_package
+    from tests.test_package import build_package
 
     pkg = tmp_path / "models/package"
-    if previous:
-        build_package(tmp_path, tiny_model_dir)
-    io.write_json(tmp_path / "metrics/train.json", TRAIN_METRICS)
-    io.write_json(tmp_path / "metrics/eval.json", EVAL_METRICS)
+    build_package(tmp_path, tiny_model_dir)  # also writes the metrics files the stage reads
+    if not previous:
+        shutil.rmtree(pkg)
     before = tree_bytes(pkg)
     over = {"paths.merged_dir": str(base_model_dir), "package.max_model_len": 512}
     params = write_params(tmp_path, over, base_dir=base_model_dir)
@@ -716,3 +715,4 @@ def test_disk_full_mid_write_keeps_the_previous_artifact(stage, tmp_path, tiny_m
     assert e.value.errno == errno.ENOSPC
     assert tree_bytes(out) == previous, f"a full disk changed the previous {out.name}"
     assert hidden_siblings([out]) == dots, "temp files left beside the output"
+

@@ -260,6 +260,29 @@ def test_same_params_and_data_give_the_same_adapter_bytes(trained, tiny_model_di
     assert second["eval_loss"] == first["eval_loss"]
 
 
+def test_rerun_after_success_resumes_at_the_end_and_reexports_the_same_adapter(tmp_path, tiny_model_dir):
+    params = setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 2, "train.save_every": 1})
+    first = train.main(str(params))
+    adapter = Path(_paths(params).adapter_dir) / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    again = train.main(str(params))  # e.g. `dvc repro -f` with unchanged inputs
+    assert again["resumed_from_step"] == 2 and again["steps"] == 2 and again["eval_loss"] == first["eval_loss"]
+    assert adapter.read_bytes() == before
+    assert not (Path(_paths(params).adapter_dir) / "training_args.bin").exists()  # no pickles in the adapter
+
+
+def test_early_stopping_stops_and_restores_the_best_checkpoint(tmp_path, tiny_model_dir):
+    over = {"train.max_steps": 8, "train.eval_every": 1, "train.save_every": 1, "train.lr": 1.0,
+            "train.warmup_ratio": 0.0, "train.early_stopping_patience": 1}  # fmt: skip
+    params = setup_run(tmp_path, tiny_model_dir, over)
+    metrics = train.main(str(params))  # lr 1.0 makes the val loss jump around: it must stop early
+    lines = Path(_paths(params).train_curve).read_text().splitlines()[1:]
+    evals = {int(ln.split(",")[0]): float(ln.split(",")[2]) for ln in lines if ln.split(",")[2]}
+    assert metrics["steps"] < 8
+    trained_evals = [v for s, v in evals.items() if 0 < s]
+    assert metrics["eval_loss"] == pytest.approx(min(trained_evals), rel=1e-5)  # the best one, not the last
+
+
 def test_run_key_changes_with_params_and_data(tmp_path, tiny_model_dir):
     params = setup_run(tmp_path, tiny_model_dir)
     p = config.load(params, "train", "preprocess")
