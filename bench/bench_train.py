@@ -9,9 +9,10 @@ minutes on a 2-core CPU. Arms, each for one epoch over the same rows with `train
   ours          stages.train.main() on the subsample (params.yaml train section, evals/saves only at the end)
   trl_fp32      SFTTrainer defaults + the model object our stage builds (same nf4/fp32 weights) and bf16=False:
                 the one change that makes TRL's CPU numerics match ours
-  trl_default   SFTTrainer with only model path, messages dataset, peft config, output dir, epochs and max
-                length: its defaults include bf16 autocast, emulated (~20-50x slower) on CPUs without
-                AVX512-BF16/AMX, so this arm runs `--trl-default-rows` rows only and reports throughput
+  trl_default   SFTTrainer with only model path, messages dataset, peft config, output dir, epochs, max
+                length (+ use_cpu without a GPU, else it refuses to start): its defaults include bf16 autocast,
+                emulated (~20-50x slower) on CPUs without AVX512-BF16/AMX, so this arm runs `--trl-default-rows`
+                rows only and reports throughput
 Real tokens/s = non-padding tokens trained / summed optimizer-step time (forward, backward, optimizer; the
 Trainer's end-of-training eval and checkpoint save excluded for every arm). `runtime_tokens_per_s` divides by
 the whole train() wall time instead.
@@ -101,7 +102,9 @@ def run_trl(p: config.Params, work: Path, rows: list[dict], name: str, model_obj
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    kw = {} if model_obj is None else {"bf16": False}  # trl_fp32: its only change from the defaults
+    # trl_default: use_cpu only where there is no GPU (TRL's bf16 default refuses to start on a CPU without it);
+    # trl_fp32: bf16 off, its one change from the defaults.
+    kw = {"use_cpu": not torch.cuda.is_available()} if model_obj is None else {"bf16": False}
     args = SFTConfig(output_dir=str(work / name), num_train_epochs=1, max_length=p.preprocess.max_seq_len,
                      report_to="none", **kw)  # fmt: skip
     ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
@@ -139,6 +142,15 @@ def main() -> None:
     res: dict = {"rows": len(rows), "val_rows": len(val), "method": p.train.method, "compute_dtype": dtype,
                  "threads": torch.get_num_threads()}  # fmt: skip
 
+    try:
+        run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res)
+    finally:  # a failing arm still reports the ones that finished
+        report(res, t0, a.json)
+
+
+def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None:
+    """ours, then trl_fp32, then trl_default; each adds its entry to `res` as soon as it is done."""
+    paths = p.paths
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         ours = run_ours(params_file, work, rows, val)
@@ -157,17 +169,22 @@ def main() -> None:
         if a.trl_default_rows:
             d = run_trl(p, work, rows[: a.trl_default_rows], "trl_default")
             res["trl_default"] = {"rows": a.trl_default_rows, **{k: d[k] for k in ("tokens", "step_s", "train_s")}}
+
+
+def report(res: dict, t0: float, json_path: str | None) -> None:
+    """Rates and ratios of whatever arms finished; printed and, with --json, written."""
     for arm in ("ours", "trl_fp32", "trl_default"):
         if arm in res:
             res[arm]["tokens_per_s"] = res[arm]["tokens"] / res[arm]["step_s"]
             res[arm]["runtime_tokens_per_s"] = res[arm]["tokens"] / res[arm]["train_s"]
-    res["ratio_vs_trl_fp32"] = res["ours"]["tokens_per_s"] / res["trl_fp32"]["tokens_per_s"]
-    if "trl_default" in res:
+    if "ours" in res and "trl_fp32" in res:
+        res["ratio_vs_trl_fp32"] = res["ours"]["tokens_per_s"] / res["trl_fp32"]["tokens_per_s"]
+    if "ours" in res and "trl_default" in res:
         res["ratio_vs_trl_default"] = res["ours"]["tokens_per_s"] / res["trl_default"]["tokens_per_s"]
     res["bench_wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ MANIFEST, CARD, TEMPLATE, GENCONFIG = "manifest.json", "MODEL_CARD.md", "chat_te
 # Everything that decides the weights and the reported metrics; `paths` is left out so the digest is the same
 # wherever the pipeline ran, `serve` because serving settings never change what was built.
 DIGEST_SECTIONS = ("base", "preprocess", "synthetic", "train", "merge", "package")
-PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt")
 
 
 class PackageError(RuntimeError):

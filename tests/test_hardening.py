@@ -715,4 +715,3 @@ def test_disk_full_mid_write_keeps_the_previous_artifact(stage, tmp_path, tiny_m
     assert e.value.errno == errno.ENOSPC
     assert tree_bytes(out) == previous, f"a full disk changed the previous {out.name}"
     assert hidden_siblings([out]) == dots, "temp files left beside the output"
-

@@ -69,7 +69,7 @@ def leaks(values: dict[str, str], *roots: Path, text: str = "", skip: tuple[str,
 
 
 def _secret_like(name: str) -> bool:
-    return bool(set(name.lower().split("_")) & {"key", "token", "password", "passwd", "secret", "credential", "auth"})
+    return bool(set(name.lower().split("_")) & {"key", "token", "password", "passwd", "secret", "credential"})
 
 
 def test_params_schema_has_no_field_that_could_hold_a_secret():
@@ -196,6 +196,7 @@ def test_hub_token_is_not_echoed_when_the_download_fails(tmp_path):
 def _train_setup(tmp: Path, tiny: Path) -> Path:
     over = {"train.method": "lora", "train.max_steps": 2, "train.eval_every": 2, "train.save_every": 2,
             "train.tokens_per_batch": 1024}  # fmt: skip
+    tmp.mkdir(parents=True, exist_ok=True)
     params = write_params(tmp, over, base_dir=tiny)
     write_processed(tmp / "data/processed")
     (tmp / "data/synthetic").mkdir(parents=True)
@@ -406,22 +407,3 @@ def test_package_cli_refuses_a_pickle_in_one_line(tmp_path, tiny_model_dir):
         == f"package: error: {merged}: pickled weights ['pytorch_model.bin'] are never packaged (save with safetensors)"
     )
     assert not (tmp_path / "models/package").exists()
-
-
-@pytest.fixture
-def repo_copy(tmp_path):  # TEMP: conftest's copies data/docs_snapshot.json before data/ exists
-    import tests.conftest as c
-
-    dst = tmp_path / "repo"
-    for f in c.REPO_FILES:
-        if (ROOT / f).exists():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / f, dst / f)
-    for d in c.REPO_DIRS:
-        if (ROOT / d).exists():
-            shutil.copytree(ROOT / d, dst / d, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"), dirs_exist_ok=True)
-    shutil.copy(ROOT / ".gitignore", dst / ".gitignore")
-    c._git(dst, "init", "-q", "-b", "main")
-    c._git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
-    c._git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init")
-    return dst
