@@ -54,6 +54,33 @@ def val_loss(model, examples: list[dict]) -> float:
     return total / n
 
 
+def matmul_peak(n: int = 1024, seconds: float = 2.0) -> dict[str, float]:
+    """Measured dense matmul throughput (FLOP/s) per dtype with torch's current thread count: the ceiling
+    a training step could reach on this machine."""
+    out = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up (oneDNN kernel selection)
+        reps, t0 = 0, time.perf_counter()
+        while (dt := time.perf_counter() - t0) < seconds:
+            a @ b
+            reps += 1
+        out[name] = 2 * n**3 * reps / dt
+    return out
+
+
+def train_flops_per_token(model_dir: str) -> float:
+    """≈ 4·N per trained token for LoRA: forward 2N + backward through activations 2N (frozen weights get
+    no gradient; the adapters' own FLOPs are < 1 % at r=16). N counts the lm_head matmul once."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    d, f, L, v = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    kv = d * c.num_key_value_heads // c.num_attention_heads
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f  # q,o + k,v + gate,up,down
+    return 4.0 * (L * per_layer + d * v)
+
+
 def step_timer():
     """Sums on_step_begin → on_step_end: the clock the train stage's tokens_per_s uses."""
     from transformers import TrainerCallback
@@ -122,7 +149,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--val-rows", type=int, default=16)
     ap.add_argument("--trl-default-rows", type=int, default=2, help="0 skips the bf16-autocast TRL arm")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", default=str(ROOT / "bench/results/train.json"), help="also write the results here")
     a = ap.parse_args()
     t0 = time.perf_counter()
     params_file = Path(a.params)
@@ -141,6 +168,8 @@ def main() -> None:
     quantize = p.train.method == "qlora"
     res: dict = {"rows": len(rows), "val_rows": len(val), "method": p.train.method, "compute_dtype": dtype,
                  "threads": torch.get_num_threads()}  # fmt: skip
+    res["peak_flops"] = matmul_peak()
+    res["flops_per_token"] = train_flops_per_token(paths.base_dir)
 
     try:
         run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res)
@@ -181,6 +210,13 @@ def report(res: dict, t0: float, json_path: str | None) -> None:
         res["ratio_vs_trl_fp32"] = res["ours"]["tokens_per_s"] / res["trl_fp32"]["tokens_per_s"]
     if "ours" in res and "trl_default" in res:
         res["ratio_vs_trl_default"] = res["ours"]["tokens_per_s"] / res["trl_default"]["tokens_per_s"]
+    if "peak_flops" in res and "flops_per_token" in res:
+        for arm in ("ours", "trl_fp32", "trl_default"):
+            if arm in res:
+                achieved = res[arm]["tokens_per_s"] * res["flops_per_token"]
+                res[arm]["achieved_tflops"] = achieved / 1e12
+                res[arm]["share_of_bf16_peak"] = achieved / res["peak_flops"]["bfloat16"]
+                res[arm]["share_of_fp32_peak"] = achieved / res["peak_flops"]["float32"]
     res["bench_wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res, indent=2))
     if json_path:

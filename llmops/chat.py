@@ -72,7 +72,7 @@ def end_of_turn_id(tokenizer) -> int:
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
     )
-    tail = tokenizer(text[text.index(probe) + len(probe):], add_special_tokens=False)["input_ids"]
+    tail = tokenizer(text[text.index(probe) + len(probe) :], add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids)
     for tid in tail:
         if tid in special:
@@ -97,15 +97,17 @@ def encode(tokenizer, messages: list[dict], eot_id: int, max_len: int | None = N
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _ids(tokenizer, tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        prompt = _ids(
+            tokenizer, tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        )
         upto = _ids(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
         if full[: len(upto)] != upto or upto[: len(prompt)] != prompt:
             raise ChatFormatError("template_not_prefix_stable", "chat template renders turns differently in context")
-        reply = upto[len(prompt):]
+        reply = upto[len(prompt) :]
         if eot_id not in reply:
             raise ChatFormatError("no_end_of_turn", f"assistant turn {i} has no end-of-turn token {eot_id}")
         end = len(prompt) + reply.index(eot_id) + 1  # train up to and including end-of-turn, not the "\n" after it
-        labels[len(prompt):end] = full[len(prompt):end]
+        labels[len(prompt) : end] = full[len(prompt) : end]
     bos = tokenizer.bos_token_id
     if bos is not None and len(full) > 1 and full[0] == bos and full[1] == bos:
         raise ChatFormatError("doubled_bos", "sequence starts with two BOS tokens")

@@ -147,6 +147,7 @@ class Train:
     eval_every: int = rng(ge=1)
     save_every: int = rng(ge=1)
     early_stopping_patience: int = rng(ge=0)
+    early_stopping_threshold: float = rng(ge=0.0)
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"]
     """auto: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), fp16 on older GPUs, else fp32."""
     device_map: Any
@@ -323,7 +324,9 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:
         if k not in fields:
-            home = [f"{n}.{k}" for n, c in SECTIONS.items() if c is not cls and k in {f.name for f in dataclasses.fields(c)}]
+            home = [
+                f"{n}.{k}" for n, c in SECTIONS.items() if c is not cls and k in {f.name for f in dataclasses.fields(c)}
+            ]
             hint = f"; it belongs in {' or '.join(home)}" if home else ""
             errors.append(f"{prefix}.{k}: unknown key (known: {', '.join(fields)}){hint}")
     kwargs = {}

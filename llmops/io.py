@@ -23,6 +23,7 @@ def _tmp_sibling(path: Path) -> Path:
 def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _tmp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -43,9 +44,48 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read; the message names the file, the line and the fix."""
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFileError(
+                    f"{path}: line {n} is not valid JSON ({e.msg}): the file is truncated or corrupt; "
+                    "rerun the stage that writes it (dvc repro)"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataFileError(
+                    f"{path}: line {n} is not a JSON object; rerun the stage that writes it (dvc repro)"
+                )
+            rows.append(row)
+    return rows
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Delete `.name.tmp-PID` / `.name.old-PID` left by a killed run (PID no longer alive): a merged
+    8B model is 16 GB, and a kill -9 per run must not pile them up. Live writers are left alone."""
+    for f in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = f.name[len(path.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -57,6 +97,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _tmp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -9,21 +9,70 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llmops.hardware import cpu_has_native_bf16
+
+FIX_BASE = "run `dvc repro base` (or `dvc pull base`)"
+FIX_TRAIN = "run `dvc repro train`"
+FIX_MERGE = "run `dvc repro merge`"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_provenance.json")
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that is missing or damaged; the message names the path and the fix."""
+
+
+def check_safetensors(path: Path, fix: str) -> None:
+    """Header + size check of one .safetensors file: a truncated download or copy fails here, in one line,
+    instead of as a SafetensorError deep inside from_pretrained."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path}: corrupt safetensors file ({e}); {fix}") from None
+    if 8 + n + end != size:
+        raise ModelLoadError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, header says {8 + n + end}); {fix}"
+        )
+
+
+def require_model_dir(model_dir: str | Path, fix: str = FIX_BASE, weights: bool = True) -> Path:
+    """The folder exists, has a config (or tokenizer files) and intact safetensors, else one clear error.
+    Also keeps a missing local path from being taken for a Hub repo id by transformers."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: model folder missing; {fix}")
+    if weights:
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise ModelLoadError(f"{path}: no *.safetensors weights (only safetensors are loaded); {fix}")
+        refetch = f"re-fetch it: {fix.removeprefix('run ')}" if "dvc repro base" in fix else f"replace it: {fix}"
+        for shard in shards:
+            check_safetensors(shard, refetch)
+    return path
 
 
 def resolve_dtype(name: str) -> str:
     """`auto` → bfloat16 on a bf16-capable GPU or CPU, float16 on an older GPU, else float32."""
     if name != "auto":
         return name
+    import torch
+
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str):
+    import torch
+
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[resolve_dtype(name)]
 
 
@@ -51,6 +100,8 @@ def resolve_device_map(spec: Any) -> Any:
     A dict is how the seed's mixed box (RTX 5090 + 5060 Ti) splits layers, e.g.
     {"model.embed_tokens": 0, "model.layers.0": 0, ..., "model.layers.31": 1, "model.norm": 1, "lm_head": 1}.
     """
+    import torch
+
     if spec == "auto":
         return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     if isinstance(spec, str):
@@ -58,15 +109,29 @@ def resolve_device_map(spec: Any) -> Any:
             raise RuntimeError(f"train.device_map={spec!r} but torch sees no CUDA device; use auto or cpu")
         return {"": spec}
     if isinstance(spec, dict):
-        if any(str(v).startswith("cuda") or isinstance(v, int) for v in spec.values()) and not torch.cuda.is_available():
+        if (
+            any(str(v).startswith("cuda") or isinstance(v, int) for v in spec.values())
+            and not torch.cuda.is_available()
+        ):
             raise RuntimeError("train.device_map places modules on CUDA but torch sees no CUDA device")
         return spec
     raise ValueError(f"train.device_map={spec!r}: expected auto, a device string or a mapping")
 
 
-def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+def require_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The train stage's adapter folder, complete and intact, else one line naming what is missing."""
+    path = Path(adapter_dir)
+    missing = [f for f in ADAPTER_FILES if not (path / f).exists()]
+    if missing:
+        raise ModelLoadError(f"{path}: missing {', '.join(missing)}; {FIX_TRAIN}")
+    check_safetensors(path / "adapter_model.safetensors", f"replace it: {FIX_TRAIN}")
+    return path
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False, fix: str = FIX_BASE):
     from transformers import AutoTokenizer
 
+    require_model_dir(model_dir, fix, weights=False)
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
@@ -77,10 +142,12 @@ def load_model(
     dtype: str = "auto",
     device_map: Any = "auto",
     trust_remote_code: bool = False,
+    fix: str = FIX_BASE,
 ):
     """A causal LM from safetensors only (never pickles), 4-bit nf4 or 16-bit."""
     from transformers import AutoModelForCausalLM
 
+    require_model_dir(model_dir, fix)
     kw: dict[str, Any] = {"dtype": torch_dtype(dtype), "device_map": resolve_device_map(device_map)}
     if quantize_4bit:
         kw["quantization_config"] = quantization_config(dtype)

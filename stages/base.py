@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from llmops import chat, config, io, log
+from llmops import chat, config, io, log, modeling
 
 PYPI_RE = re.compile(r"^pypi:(?P<name>[A-Za-z0-9_.\-]+)==(?P<version>[A-Za-z0-9_.+\-]+)$")
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "LICENSE*"]
@@ -151,6 +151,9 @@ def main(params_file: str = "params.yaml") -> Path:
             prov.update(revision=b.revision if kind == "hf" else None)
             if not list(src.glob("*.safetensors")):
                 raise BaseModelError(f"{src}: no *.safetensors weights (only safetensors are loaded, never pickles)")
+            for shard in sorted(src.glob("*.safetensors")):
+                fix = "re-download it" if kind == "hf" else "replace it with a complete copy (re-download)"
+                modeling.check_safetensors(shard, fix)
             prov["sha256"] = {f.name: io.sha256_file(f) for f in sorted(src.glob("*.safetensors"))}
             gguf_file = None
         logger.info("convert", src=str(src), dtype=b.dtype)
@@ -168,5 +171,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args.params)
-    except (config.ParamsError, BaseModelError) as e:
+    except (config.ParamsError, BaseModelError, modeling.ModelLoadError) as e:
         sys.exit(f"base: error: {e}")

@@ -245,9 +245,16 @@ def main(params_file: str = "params.yaml") -> dict:
     e, paths = p.evaluate, p.paths
     logger = log.get("evaluate")
     base_dir, adapter_dir = Path(paths.base_dir), Path(paths.adapter_dir)
+    # Every input up front: a missing merged model must not surface after minutes of scoring the base.
+    modeling.require_model_dir(base_dir)
+    modeling.require_adapter_dir(adapter_dir)
+    modeling.require_model_dir(paths.merged_dir, modeling.FIX_MERGE)
     prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
     dtype = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8")).get("dtype", "bfloat16")
-    items = load_items(io.read_jsonl(Path(paths.processed_dir) / "test.jsonl"), e.max_samples)
+    test_file = Path(paths.processed_dir) / "test.jsonl"
+    if not test_file.exists():
+        raise EvaluateError(f"{test_file} missing: run `dvc repro preprocess`")
+    items = load_items(io.read_jsonl(test_file), e.max_samples)
     engine = e.engine if e.engine != "auto" or vllm_usable() else "hf"
     logger.info("start", samples=len(items), engine=engine, max_new_tokens=e.max_new_tokens)
     torch.manual_seed(p.seed)
@@ -300,5 +307,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args.params)
-    except (config.ParamsError, EvaluateError, FileNotFoundError) as err:
+    except (config.ParamsError, EvaluateError, io.DataFileError, modeling.ModelLoadError, FileNotFoundError) as err:
         sys.exit(f"evaluate: error: {err}")

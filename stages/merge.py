@@ -29,8 +29,6 @@ from tqdm import tqdm
 
 from llmops import chat, config, io, log, modeling
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_provenance.json")
-
 
 class MergeError(RuntimeError):
     pass
@@ -38,9 +36,7 @@ class MergeError(RuntimeError):
 
 def read_adapter(adapter_dir: Path, base_dir: Path) -> dict:
     """The adapter's train provenance, after checking the contract files and that it was trained on this base."""
-    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).exists()]
-    if missing:
-        raise MergeError(f"{adapter_dir}: missing {', '.join(missing)} (run the train stage first)")
+    modeling.require_adapter_dir(adapter_dir)
     prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
     base_prov = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8"))
     if prov.get("base_provenance") != base_prov:
@@ -138,6 +134,7 @@ def main(params_file: str = "params.yaml") -> dict:
     m, paths = p.merge, p.paths
     logger = log.get("merge")
     base_dir, adapter_dir = Path(paths.base_dir), Path(paths.adapter_dir)
+    modeling.require_model_dir(base_dir)  # before any work: a missing or truncated base in one line
     prov = read_adapter(adapter_dir, base_dir)
     method = prov["method"]
     dtype = prov["base_provenance"].get("dtype", "bfloat16")  # merged weights keep the base's 16-bit dtype
@@ -145,7 +142,10 @@ def main(params_file: str = "params.yaml") -> dict:
     compute = modeling.resolve_dtype("auto")
     tokenizer = modeling.load_tokenizer(adapter_dir)  # the tokenizer + template training used
     eot = prov["eot_id"]
-    samples = parity_samples(io.read_jsonl(Path(paths.processed_dir) / "val.jsonl"), tokenizer, eot, m.parity_samples)
+    val_file = Path(paths.processed_dir) / "val.jsonl"
+    if not val_file.exists():
+        raise MergeError(f"{val_file} missing: run `dvc repro preprocess`")
+    samples = parity_samples(io.read_jsonl(val_file), tokenizer, eot, m.parity_samples)
     logger.info("merge", method=method, base_weights=m.base_weights, dtype=dtype, compute_dtype=compute,
                 parity_samples=len(samples))  # fmt: skip
 
@@ -209,5 +209,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args.params)
-    except (config.ParamsError, MergeError, FileNotFoundError) as e:
+    except (config.ParamsError, MergeError, io.DataFileError, modeling.ModelLoadError, FileNotFoundError) as e:
         sys.exit(f"merge: error: {e}")

@@ -201,6 +201,9 @@ def build(p: config.Params, out: Path, logger) -> dict:
 def main(params_file: str = "params.yaml") -> Path:
     p = config.load(params_file, *DIGEST_SECTIONS)
     out, logger = Path(p.paths.package_dir), log.get("package")
+    modeling.require_model_dir(p.paths.merged_dir, modeling.FIX_MERGE)  # inputs first: one line, nothing written
+    if not (Path(p.paths.base_dir) / "provenance.json").exists():
+        raise PackageError(f"{p.paths.base_dir}/provenance.json missing: {modeling.FIX_BASE}")
     logger.info("package", merged=p.paths.merged_dir, out=str(out))
     with io.atomic_dir(out) as staging:
         manifest = build(p, staging, logger)
@@ -215,5 +218,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args.params)
-    except (config.ParamsError, PackageError, FileNotFoundError) as e:
+    except (config.ParamsError, PackageError, io.DataFileError, modeling.ModelLoadError, FileNotFoundError) as e:
         sys.exit(f"package: error: {e}")

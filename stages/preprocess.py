@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from llmops import chat, config, io, log, text
+from llmops import chat, config, io, log, modeling, text
 
 SPLITS = ("train", "val", "test")
 SHAREGPT_ROLES = {
@@ -240,9 +240,11 @@ def main(params_file: str = "params.yaml") -> dict:
     io.write_jsonl(paths.rejected, rejected)
     if invalid_share > pp.max_rejected_frac:
         top = ", ".join(f"{k}={v}" for k, v in metrics["rejected"]["by_reason"].items())
+        first = next(r for r in rejected if r["reason"] != "duplicate")
         raise PreprocessError(
             f"{metrics['rejected']['invalid']}/{len(all_records)} rows rejected ({invalid_share:.1%} > "
-            f"preprocess.max_rejected_frac={pp.max_rejected_frac}): {top}; see {paths.rejected}"
+            f"preprocess.max_rejected_frac={pp.max_rejected_frac}): {top}; first: {first['source']} row "
+            f"{first['row']}: {first['reason']}; fix the rows or the source's format, see {paths.rejected}"
         )
     if not splits["train"]:
         raise PreprocessError("no training rows left after validation; check preprocess.sources")
@@ -259,5 +261,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args.params)
-    except (config.ParamsError, PreprocessError) as e:
+    except (config.ParamsError, PreprocessError, io.DataFileError, modeling.ModelLoadError) as e:
         sys.exit(f"preprocess: error: {e}")

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import sparse
 from tqdm import tqdm
 
-from llmops import chat, config, io, log, text
+from llmops import chat, config, io, log, modeling, text
 
 LANGS = ("en", "ko")
 REASONS = (
@@ -674,5 +674,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args.params)
-    except (config.ParamsError, SyntheticError) as e:
+    except (config.ParamsError, SyntheticError, io.DataFileError, modeling.ModelLoadError) as e:
         sys.exit(f"synthetic: error: {e}")

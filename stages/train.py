@@ -11,10 +11,13 @@ a micro-batch is one flat row with position ids restarting per example (padding-
 DataCollatorWithFlattening): attention never crosses examples and no pad token is computed.
 Resume: checkpoints go to `<checkpoint_dir>/<run key>/` (key = hash of params, base model and data), so
 after a kill the next run continues from the last complete checkpoint; a run with other params/data wipes
-them; the last checkpoint stays, so a forced rerun with unchanged inputs only re-exports. Outputs: the adapter
+them. A finished run leaves `<run key>/final/` (adapter, metrics, curve), so `dvc repro -f` with unchanged
+inputs re-exports the same bytes without training. Outputs: the adapter
 (`paths.adapter_dir`, with tokenizer + train_provenance.json), `paths.train_metrics` and the per-step
-`paths.train_curve`. Tracking: one MLflow run per training (MLFLOW_TRACKING_URI, else `paths.mlflow_uri`);
-tracking failures only warn, except an explicitly set MLFLOW_TRACKING_URI that is down (error before training).
+`paths.train_curve`. Tracking: one MLflow run per training (MLFLOW_TRACKING_URI, else `paths.mlflow_uri`, a relative sqlite
+path resolved against the main repo even from a `dvc queue` worker); `user:password@` in the URI becomes
+MLFLOW_TRACKING_USERNAME/PASSWORD and is never printed; tracking failures only warn, except an explicitly set
+MLFLOW_TRACKING_URI that is down (error before training).
 Determinism: same params + data + machine + thread count → the same adapter bytes (tested on CPU); other CPUs,
 thread counts or library versions may change float reduction order, hence the last bits.
 """
@@ -22,6 +25,8 @@ thread counts or library versions may change float reduction order, hence the la
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import csv
 import hashlib
 import io as stdio
@@ -31,7 +36,9 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -152,60 +159,115 @@ def git_rev() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def mlflow_start(paths: config.Paths, experiment: str, run_dir: Path, params: dict) -> str | None:
-    """Start (or, on resume, reopen) the MLflow run; None = tracking off. An explicitly set
-    MLFLOW_TRACKING_URI that does not answer is an error before training; the default store only warns."""
+def tracking_uri(paths: config.Paths) -> tuple[str, bool]:
+    """(URI, explicitly set?). A relative sqlite store resolves against the main repo, also from a
+    `dvc exp run --queue` worker (which runs in .dvc/tmp/exps/<tmp>/): runs must not vanish with the temp copy."""
     explicit = os.environ.get("MLFLOW_TRACKING_URI")
     uri = explicit or paths.mlflow_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        root = os.environ.get("DVC_ROOT") or os.getcwd()
+        root = root.split(f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}")[0]
+        uri = "sqlite:///" + str(Path(root).resolve() / uri[len("sqlite:///") :])
+    return uri, bool(explicit)
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """`http://user:pw@host` → (`http://host`, user, pw): MLflow takes basic auth from
+    MLFLOW_TRACKING_USERNAME/PASSWORD, and the password must never reach a log line or error message."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.username and not parts.password:
+        return uri, None, None
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    clean = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return clean, urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+
+
+class Tracker:
+    """One MLflow run through MlflowClient: no fluent-API globals, so nothing leaks into the process
+    (an active run, MLFLOW_TRACKING_URI). Every call after start only warns on failure, then goes quiet."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        nums = [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
+        ]
+        try:
+            self.client.log_batch(self.run_id, metrics=nums)
+        except Exception as e:
+            log.get("train").warning("mlflow_off", error=f"{type(e).__name__}: {e}")
+            self.run_id = None
+
+    def end(self, metrics: dict | None, step: int) -> None:
+        """FINISHED with the final metrics, or FAILED when training raised."""
+        if not self.run_id:
+            return
+        if metrics is not None:
+            self.log({f"final_{k}": v for k, v in metrics.items()}, step)
+        try:
+            self.client.set_terminated(self.run_id, "FINISHED" if metrics is not None else "FAILED")
+        except Exception as e:
+            log.get("train").warning("mlflow_off", error=f"{type(e).__name__}: {e}")
+        self.run_id = None
+
+
+def mlflow_start(paths: config.Paths, experiment: str, run_dir: Path, params: dict) -> Tracker | None:
+    """Start (or, on resume, reopen) the MLflow run; None = tracking off. An explicitly set
+    MLFLOW_TRACKING_URI that does not answer is an error before training; the default store only warns."""
+    uri, explicit = tracking_uri(paths)
+    uri, user, password = split_credentials(uri)
+    if user is not None:  # the client reads these; explicit env settings win
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password or "")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall every step
     try:
         if uri.startswith(("http://", "https://")):
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
-        import mlflow
+            req = urllib.request.Request(uri.rstrip("/") + "/health")
+            if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+                token = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+                req.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+            urllib.request.urlopen(req, timeout=10).read()
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        tags = {"mlflow.source.name": "stages/train.py"}
-        if exp := os.environ.get("DVC_EXP_NAME"):
-            tags["dvc_exp_name"] = exp
-        if rev := git_rev():
-            tags["git_rev"] = rev
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         id_file = run_dir / "mlflow_run_id"
         prev = id_file.read_text().strip() if id_file.exists() else None
-        run = None
         if prev:  # a resumed training continues its MLflow run
             try:
-                run = mlflow.start_run(run_id=prev)
+                client.update_run(prev, status="RUNNING")
+                return Tracker(client, prev)
             except Exception:
-                prev = None
-        run = run or mlflow.start_run(run_name=run_dir.name, tags=tags)
-        if not prev:
-            mlflow.log_params(params)
-            io.write_text(id_file, run.info.run_id)
-        return run.info.run_id
+                pass
+        tags = {"mlflow.source.name": "stages/train.py"}
+        if exp_name := os.environ.get("DVC_EXP_NAME"):
+            tags["dvc_exp_name"] = exp_name
+        if rev := git_rev():
+            tags["git_rev"] = rev
+        run = client.create_run(exp_id, tags=tags, run_name=run_dir.name)
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        io.write_text(id_file, run.info.run_id)
+        return Tracker(client, run.info.run_id)
     except Exception as e:
+        msg = f"{type(e).__name__}: {e}".replace(password, "***") if password else f"{type(e).__name__}: {e}"
         if explicit:
             raise TrainError(
-                f"MLFLOW_TRACKING_URI={explicit} is unreachable or refused the run: {type(e).__name__}: {e}"
+                f"MLFLOW_TRACKING_URI={uri} is unreachable or refused the run ({msg}); start the MLflow server "
+                "(or fix its credentials), or unset MLFLOW_TRACKING_URI to track into the local store paths.mlflow_uri"
             ) from None
-        log.get("train").warning("mlflow_off", uri=uri, error=f"{type(e).__name__}: {e}")
+        log.get("train").warning("mlflow_off", uri=uri, error=msg)
         return None
 
 
-def mlflow_end(run_id: str, metrics: dict | None, step: int) -> None:
-    """Close the run: FINISHED with the final metrics, or FAILED when training raised."""
-    try:
-        import mlflow
-
-        if metrics is not None:
-            nums = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-            mlflow.log_metrics(nums, step=step, run_id=run_id)
-        mlflow.end_run(status="FINISHED" if metrics is not None else "FAILED")
-    except Exception as e:
-        log.get("train").warning("mlflow_off", error=f"{type(e).__name__}: {e}")
-
-
-def callbacks(run_id: str | None, patience: int) -> list:
+def callbacks(tracker: Tracker | None, patience: int, threshold: float) -> list:
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class StepLog(TrainerCallback):
@@ -214,7 +276,7 @@ def callbacks(run_id: str | None, patience: int) -> list:
         where a failure turns tracking off, never the training."""
 
         def __init__(self):
-            self.run_id, self.rate = run_id, None
+            self.rate = None
             self.session_tokens, self.session_s = 0, 0.0
 
         def on_step_begin(self, args, state, control, **kw):
@@ -227,17 +289,11 @@ def callbacks(run_id: str | None, patience: int) -> list:
         def on_log(self, args, state, control, logs=None, **kw):
             if "loss" in (logs or {}) and self.rate is not None:
                 state.log_history[-1]["tokens_per_s"] = self.rate
-            if self.run_id and state.is_world_process_zero:
-                nums = {k: v for k, v in state.log_history[-1].items() if isinstance(v, (int, float)) and k != "step"}
-                try:
-                    import mlflow
+            if tracker and state.is_world_process_zero:
+                tracker.log({k: v for k, v in state.log_history[-1].items() if k != "step"}, state.global_step)
 
-                    mlflow.log_metrics(nums, step=state.global_step, run_id=self.run_id)
-                except Exception as e:
-                    log.get("train").warning("mlflow_off", error=f"{type(e).__name__}: {e}")
-                    self.run_id = None
-
-    return [StepLog()] + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience else [])
+    stop = [EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)]
+    return [StepLog()] + (stop if patience else [])
 
 
 def session_rate(trainer) -> float | None:
@@ -436,6 +492,12 @@ def main(params_file: str = "params.yaml") -> dict:
     world, rank0 = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
     key = run_key(t, p.seed, max_len, base_dir, list(files.values()), world)
     run_dir = checkpoint_run_dir(Path(paths.checkpoint_dir), key, wipe_others=rank0)
+    final = run_dir / "final"
+    if (final / "metrics.json").exists():  # this exact run already finished: re-export, don't train again
+        if rank0:
+            export(final, paths)
+            logger.info("reexported", run_key=key, adapter=paths.adapter_dir)
+        return json.loads((final / "metrics.json").read_text()) if rank0 else {}
     resume = last_complete_checkpoint(run_dir)
     params = {
         **config.asdict(t),
@@ -447,22 +509,44 @@ def main(params_file: str = "params.yaml") -> dict:
         "val_rows": len(val_rows),
         "world_size": world,
     }
-    run_id = mlflow_start(paths, t.mlflow_experiment, run_dir, params) if rank0 else None  # fails before training
+    tracker = mlflow_start(paths, t.mlflow_experiment, run_dir, params) if rank0 else None  # fails before training
+    try:
+        metrics = fit(p, base_dir, run_dir, resume, tracker, train_rows, val_rows, compute_dtype, device_map)
+        if not rank0:
+            return {}
+        metrics["stage_wall_s"] = round(time.perf_counter() - t0, 2)
+        io.write_json(final / "metrics.json", metrics)  # last: its presence marks the run finished
+        export(final, paths)
+        if tracker:
+            tracker.end(metrics, metrics["steps"])
+        logger.info("done", **{k: metrics[k] for k in ("steps", "base_eval_loss", "eval_loss", "tokens_per_s")})
+        return metrics
+    finally:
+        if tracker:
+            tracker.end(None, 0)  # no-op after a successful end
 
+
+def fit(
+    p, base_dir: Path, run_dir: Path, resume: Path | None, tracker, train_rows, val_rows, compute_dtype, device_map
+):
+    """Train (or resume) under the Trainer; rank 0 leaves the finished adapter, its curve and metrics
+    (minus metrics.json) in `run_dir/final/` and returns the metrics."""
     from transformers import Trainer
 
+    t, max_len = p.train, p.preprocess.max_seq_len
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     tokenizer = modeling.load_tokenizer(base_dir)
     eot = chat.end_of_turn_id(tokenizer)
     train_ex = encode_rows(train_rows, tokenizer, eot, max_len)
     train_ds = make_batches(train_ex, t.tokens_per_batch, t.packing, p.seed)
     val_ds = make_batches(encode_rows(val_rows, tokenizer, eot, max_len), t.tokens_per_batch, t.packing, None)
-    logger.info(
+    log.get("train").info(
         "data",
         train_rows=len(train_rows),
         val_rows=len(val_rows),
         train_batches=len(train_ds),
         train_tokens=sum(len(e["input_ids"]) for e in train_ex),
-        run_key=key,
+        run_dir=str(run_dir),
         resume=str(resume or ""),
     )
     trainer = Trainer(
@@ -472,64 +556,62 @@ def main(params_file: str = "params.yaml") -> dict:
         eval_dataset=val_ds,
         data_collator=Collator(t.packing, tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks(run_id, t.early_stopping_patience),
+        callbacks=callbacks(tracker, t.early_stopping_patience, t.early_stopping_threshold),
     )
-    try:
-        base_file = run_dir / "base_eval.json"
-        if base_file.exists():
-            base_loss = json.loads(base_file.read_text())["eval_loss"]
-        else:  # LoRA B starts at zero: the untrained peft model is the base model
-            base_loss = trainer.evaluate()["eval_loss"]
-            if rank0:
-                io.write_json(base_file, {"eval_loss": base_loss})
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except (RuntimeError, MemoryError) as e:
-            if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
-                raise TrainError(
-                    f"out of memory: lower train.tokens_per_batch ({t.tokens_per_batch}) or preprocess.max_seq_len "
-                    f"({max_len}), or set train.gradient_checkpointing: true"
-                ) from e
-            raise
-        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-        if not evals or evals[-1]["step"] != trainer.state.global_step or t.early_stopping_patience:
-            evals.append({"step": trainer.state.global_step, **trainer.evaluate()})  # best model's, if restored
-        # Every rank takes part in the save (FSDP gathers the shards); only the main process writes.
-        staging = run_dir / "adapter-staging"
+    base_file = run_dir / "base_eval.json"
+    if base_file.exists():
+        base_loss = json.loads(base_file.read_text())["eval_loss"]
+    else:  # LoRA B starts at zero: the untrained peft model is the base model
+        base_loss = trainer.evaluate()["eval_loss"]
         if rank0:
-            shutil.rmtree(staging, ignore_errors=True)
-        if trainer.is_fsdp_enabled:
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(staging))
-        if not trainer.is_world_process_zero():
+            io.write_json(base_file, {"eval_loss": base_loss})
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise TrainError(
+                f"out of memory: lower train.tokens_per_batch ({t.tokens_per_batch}) or preprocess.max_seq_len "
+                f"({max_len}), or set train.gradient_checkpointing: true"
+            ) from e
+        raise
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if not evals or evals[-1]["step"] != trainer.state.global_step or t.early_stopping_patience:
+        evals.append({"step": trainer.state.global_step, **trainer.evaluate()})  # best model's, if restored
+    # Every rank takes part in the save (FSDP gathers the shards); only the main process writes.
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    with io.atomic_dir(run_dir / "final") if rank0 else _scratch(run_dir) as tmp:
+        trainer.save_model(str(tmp))
+        if not rank0:
             return {}
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle holding run paths: never shipped
+        tokenizer.save_pretrained(tmp)
+        io.write_json(tmp / "train_provenance.json", {
+            "method": t.method, "compute_dtype": compute_dtype, "base_dir": str(base_dir),
+            "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
+            "seed": p.seed, "train": config.asdict(t), "eot_id": eot,
+        })  # fmt: skip
+        io.write_text(tmp / "curve.csv", to_csv(curve(trainer.state.log_history, base_loss)))
         metrics = summarize(trainer, result, base_loss, evals[-1]["eval_loss"], resume, t)
-        metrics.update(
-            compute_dtype=compute_dtype,
-            train_rows=len(train_rows),
-            val_rows=len(val_rows),
-            stage_wall_s=round(time.perf_counter() - t0, 2),
-        )
-        with io.atomic_dir(paths.adapter_dir) as tmp:
-            for f in staging.iterdir():
-                if f.name != "training_args.bin":  # a pickle holding run paths: not in a hashed, shipped output
-                    shutil.move(f, tmp / f.name)
-            shutil.rmtree(staging)
-            tokenizer.save_pretrained(tmp)
-            io.write_json(tmp / "train_provenance.json", {
-                "method": t.method, "compute_dtype": compute_dtype, "base_dir": str(base_dir),
-                "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
-                "seed": p.seed, "train": config.asdict(t), "eot_id": eot,
-            })  # fmt: skip
-        io.write_json(paths.train_metrics, metrics)
-        io.write_text(paths.train_curve, to_csv(curve(trainer.state.log_history, base_loss)))
-        mlflow_end(run_id, metrics, trainer.state.global_step)
-        run_id = None
-        logger.info("done", **{k: metrics[k] for k in ("steps", "base_eval_loss", "eval_loss", "tokens_per_s")})
-        return metrics
-    finally:
-        if run_id:
-            mlflow_end(run_id, None, 0)
+        metrics.update(compute_dtype=compute_dtype, train_rows=len(train_rows), val_rows=len(val_rows))
+    return metrics
+
+
+@contextlib.contextmanager
+def _scratch(run_dir: Path):
+    """Non-main DDP/FSDP ranks join save_model's collectives but write nowhere that matters."""
+    with tempfile.TemporaryDirectory(dir=run_dir) as d:
+        yield Path(d)
+
+
+def export(final: Path, paths: config.Paths) -> None:
+    """`run_dir/final/` → the stage outputs: the adapter folder, metrics and curve (each replaced atomically)."""
+    with io.atomic_dir(paths.adapter_dir) as tmp:
+        for f in final.iterdir():
+            if f.name not in ("metrics.json", "curve.csv"):
+                shutil.copy2(f, tmp / f.name)
+    io.write_text(paths.train_metrics, (final / "metrics.json").read_text())
+    io.write_text(paths.train_curve, (final / "curve.csv").read_text())
 
 
 if __name__ == "__main__":
@@ -538,5 +620,5 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args.params)
-    except (config.ParamsError, TrainError) as e:
+    except (config.ParamsError, TrainError, io.DataFileError, modeling.ModelLoadError) as e:
         sys.exit(f"train: error: {e}")

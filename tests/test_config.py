@@ -18,7 +18,9 @@ def test_repo_params_are_valid():
     p = config.load(ROOT / "params.yaml", *ALL)
     assert p.seed == repo_params()["seed"]
     assert p.train.lr == pytest.approx(float(repo_params()["train"]["lr"]))
-    assert p.preprocess.sources and all(s.format in ("auto", "messages", "sharegpt", "alpaca") for s in p.preprocess.sources)
+    assert p.preprocess.sources and all(
+        s.format in ("auto", "messages", "sharegpt", "alpaca") for s in p.preprocess.sources
+    )
 
 
 def test_every_problem_reported_at_once_with_key_names():
@@ -32,7 +34,13 @@ def test_every_problem_reported_at_once_with_key_names():
         config.validate(raw, ("base", "preprocess", "train"))
     msg = str(e.value)
     assert "5 problem(s)" in msg and "\n" not in msg
-    for key in ("train.lr", "train.epochs", "preprocess.val_frac", "preprocess.colour: unknown key", "base.model: missing"):
+    for key in (
+        "train.lr",
+        "train.epochs",
+        "preprocess.val_frac",
+        "preprocess.colour: unknown key",
+        "base.model: missing",
+    ):
         assert key in msg
 
 

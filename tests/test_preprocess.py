@@ -11,13 +11,24 @@ from llmops.modeling import load_tokenizer
 from stages import preprocess
 from tests.conftest import write_params
 
-EN = {"messages": [{"role": "user", "content": "What does dvc push do?"},
-                   {"role": "assistant", "content": "It uploads cached outputs to the default remote."}]}
-KO_SHAREGPT = {"conversations": [{"from": "system", "value": "간결하게 답하세요."},
-                                 {"from": "human", "value": "LoRA가 뭐예요?"},
-                                 {"from": "gpt", "value": "저랭크 어댑터만 학습하는 미세조정 기법입니다."}]}
-ALPACA = {"instruction": "Name the vLLM flag that caps context length.", "input": "",
-          "output": "Use --max-model-len, e.g. --max-model-len 4096."}
+EN = {
+    "messages": [
+        {"role": "user", "content": "What does dvc push do?"},
+        {"role": "assistant", "content": "It uploads cached outputs to the default remote."},
+    ]
+}
+KO_SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "간결하게 답하세요."},
+        {"from": "human", "value": "LoRA가 뭐예요?"},
+        {"from": "gpt", "value": "저랭크 어댑터만 학습하는 미세조정 기법입니다."},
+    ]
+}
+ALPACA = {
+    "instruction": "Name the vLLM flag that caps context length.",
+    "input": "",
+    "output": "Use --max-model-len, e.g. --max-model-len 4096.",
+}
 
 
 def _run(tmp_path, base_model_dir, rows_by_file: dict[str, list], **overrides):
@@ -36,8 +47,7 @@ def _run(tmp_path, base_model_dir, rows_by_file: dict[str, list], **overrides):
         sources.append({"path": str(f), "format": overrides.pop(f"format_{name}", "auto")})
     # Tiny inputs: everything in train, so "no training rows" never depends on where a hash lands.
     defaults = {"preprocess.max_rejected_frac": 1.0, "preprocess.val_frac": 0.0, "preprocess.test_frac": 0.0}
-    params = write_params(tmp_path, {"preprocess.sources": sources, **defaults, **overrides},
-                          base_dir=base_model_dir)
+    params = write_params(tmp_path, {"preprocess.sources": sources, **defaults, **overrides}, base_dir=base_model_dir)
     p = config.load(params, "preprocess")
     return p, preprocess.main(str(params))
 
@@ -55,8 +65,10 @@ def test_three_formats_normalise_to_messages(tmp_path, base_model_dir):
     ko = next(r for r in rows if r["lang"] == "ko")
     assert [x["role"] for x in ko["messages"]] == ["system", "user", "assistant"]
     alp = next(r for r in rows if "vLLM" in r["messages"][0]["content"])
-    assert alp["messages"] == [{"role": "user", "content": ALPACA["instruction"]},
-                               {"role": "assistant", "content": ALPACA["output"]}]
+    assert alp["messages"] == [
+        {"role": "user", "content": ALPACA["instruction"]},
+        {"role": "assistant", "content": ALPACA["output"]},
+    ]
 
 
 @pytest.mark.parametrize("fmt_file", ["d.json", "d.parquet", "d.csv"])
@@ -73,8 +85,15 @@ def test_datasets_folder_source(tmp_path, base_model_dir):
 
     folder = tmp_path / "ds"
     datasets.Dataset.from_list([EN]).save_to_disk(str(folder))
-    params = write_params(tmp_path, {"preprocess.sources": [{"path": str(folder), "format": "messages"}],
-                                     "preprocess.val_frac": 0.0, "preprocess.test_frac": 0.0}, base_dir=base_model_dir)
+    params = write_params(
+        tmp_path,
+        {
+            "preprocess.sources": [{"path": str(folder), "format": "messages"}],
+            "preprocess.val_frac": 0.0,
+            "preprocess.test_frac": 0.0,
+        },
+        base_dir=base_model_dir,
+    )
     assert preprocess.main(str(params))["rows_kept"] == 1
 
 
@@ -85,8 +104,13 @@ BAD_ROWS = {
     "missing_field": {"instruction": "x"},
     "bad_role": {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
     "empty_content": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
-    "bad_alternation": {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                                     {"role": "assistant", "content": "c"}]},
+    "bad_alternation": {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "c"},
+        ]
+    },
     "no_assistant_turn": {"messages": [{"role": "user", "content": "anyone?"}]},
     "bad_message": {"conversations": [{"from": "human"}]},
     "too_long": {"messages": [{"role": "user", "content": "word " * 2000}, {"role": "assistant", "content": "ok"}]},
@@ -107,8 +131,11 @@ def test_each_malformed_row_is_quarantined_with_its_reason(tmp_path, base_model_
 @pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca"])
 def test_malformed_row_in_each_declared_format(tmp_path, base_model_dir, fmt):
     good = {"messages": EN, "sharegpt": KO_SHAREGPT, "alpaca": ALPACA}[fmt]
-    bad = {"messages": {"messages": "not a list"}, "sharegpt": {"conversations": [{"from": "robot", "value": "x"}]},
-           "alpaca": {"instruction": "x", "output": ""}}[fmt]
+    bad = {
+        "messages": {"messages": "not a list"},
+        "sharegpt": {"conversations": [{"from": "robot", "value": "x"}]},
+        "alpaca": {"instruction": "x", "output": ""},
+    }[fmt]
     p, m = _run(tmp_path, base_model_dir, {"f.jsonl": [good, bad]}, **{"format_f.jsonl": fmt})
     (rej,) = io.read_jsonl(p.paths.rejected)
     assert rej["row"] == 2 and rej["reason"] in {"no_messages", "bad_role", "empty_content"}
@@ -125,8 +152,9 @@ def test_too_many_rejections_fail_the_stage_but_keep_quarantine(tmp_path, base_m
 
 
 def test_missing_source_is_one_clear_error(tmp_path, base_model_dir):
-    params = write_params(tmp_path, {"preprocess.sources": [{"path": str(tmp_path / "nope.jsonl")}]},
-                          base_dir=base_model_dir)
+    params = write_params(
+        tmp_path, {"preprocess.sources": [{"path": str(tmp_path / "nope.jsonl")}]}, base_dir=base_model_dir
+    )
     with pytest.raises(preprocess.PreprocessError, match="nope.jsonl does not exist"):
         preprocess.main(str(params))
 
@@ -160,8 +188,11 @@ def test_seed_data_end_to_end(tmp_path, base_model_dir):
         assert enc.input_ids[:2] != [tok.bos_token_id] * 2  # no doubled BOS
         n_asst = sum(m_["role"] == "assistant" for m_ in r["messages"])
         # every assistant turn's labels end on a real end-of-turn token
-        ends = [i for i in range(len(enc.labels)) if enc.labels[i] != -100 and
-                (i + 1 == len(enc.labels) or enc.labels[i + 1] == -100)]
+        ends = [
+            i
+            for i in range(len(enc.labels))
+            if enc.labels[i] != -100 and (i + 1 == len(enc.labels) or enc.labels[i + 1] == -100)
+        ]
         assert len(ends) == n_asst and all(enc.input_ids[i] == eot for i in ends)
         assert len(enc.input_ids) == r["n_tokens"]
     # deterministic bytes

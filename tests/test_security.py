@@ -43,7 +43,9 @@ SHELL_VARS = ("MLFLOW_TRACKING_URI", "LOG_DIR", "ENABLE_AUTH", "VLLM_ENDPOINT", 
 
 def env_with(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SHELL_VARS}
-    return {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "OMP_NUM_THREADS": "1", **extra}
+    # INFO: the scans must see the stages' real log lines, whatever LOG_LEVEL the developer's shell has.
+    return {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "OMP_NUM_THREADS": "1",
+            "LOG_LEVEL": "INFO", **extra}  # fmt: skip
 
 
 def free_port() -> int:
@@ -375,7 +377,10 @@ def test_model_loader_refuses_a_folder_with_only_pytorch_weights(tmp_path, tiny_
     for name in ("config.json", "generation_config.json"):
         shutil.copy(tiny_model_dir / name, d / name)
     torch.save(load_file(tiny_model_dir / "model.safetensors"), d / "pytorch_model.bin")
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(modeling.ModelLoadError, match=r"torch-only: no \*\.safetensors weights \(only safetensors"):
+        modeling.load_model(d, quantize_4bit=False, dtype="float32", device_map="cpu")
+    (d / "model.safetensors").write_bytes(b"")  # a placeholder next to the pickle does not get it loaded either
+    with pytest.raises(modeling.ModelLoadError, match="corrupt safetensors"):
         modeling.load_model(d, quantize_4bit=False, dtype="float32", device_map="cpu")
 
 

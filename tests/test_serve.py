@@ -310,6 +310,7 @@ def test_publish_pull_and_serve_end_to_end(repo_copy, tiny_model_dir, tmp_path):
     (repo / "metrics").mkdir(exist_ok=True)
     (repo / "metrics/train.json").write_text(json.dumps({"train_loss": 1.0, "eval_loss": 1.1}))
     (repo / "metrics/eval.json").write_text(json.dumps({"tuned": {"chrf": 30.0}}))
+    (repo / "metrics/merge.json").write_text(json.dumps({"vs_unmerged": {"max_logit_abs_diff": 0.0, "mean_kl": 0.0}}))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     set_dotted(params, "package.max_model_len", 512)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))

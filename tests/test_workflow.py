@@ -83,8 +83,12 @@ def test_review_workflow_end_to_end(repo_copy, tiny_model_dir):
 
     # 5. MLflow agrees with DVC: the run carries the experiment name and a git revision
     con = sqlite3.connect(repo / "mlflow.db")
-    tags = dict(con.execute("select key, value from tags where run_uuid in "
-                            "(select run_uuid from tags where key='dvc_exp_name' and value='lr-hi')").fetchall())
+    tags = dict(
+        con.execute(
+            "select key, value from tags where run_uuid in "
+            "(select run_uuid from tags where key='dvc_exp_name' and value='lr-hi')"
+        ).fetchall()
+    )
     assert tags.get("dvc_exp_name") == "lr-hi" and re.fullmatch(r"[0-9a-f]{40}", tags.get("git_rev", ""))
 
     # 6. a queued sweep with two workers
