@@ -164,9 +164,9 @@ class Merge:
     max_logit_abs_diff: float = rng(gt=0.0)
     """Merged vs the same 16-bit base + unmerged adapter (rounding only)."""
     max_kl: float = rng(gt=0.0)
-    max_logit_abs_diff_vs_trained: float = rng(gt=0.0)
-    """Merged vs the nf4 base + adapter that training ran (qlora): also the nf4 quantization error."""
-    max_kl_vs_trained: float = rng(gt=0.0)
+    max_excess_kl_vs_trained: float = rng(gt=0.0)
+    """qlora: KL(nf4 base + adapter ‖ merged) minus the base's own nf4 quantization KL (nf4 base ‖ 16-bit base),
+    i.e. what the merge adds on top of quantization, which no merge can remove."""
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,8 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     assert set(res["delta"]["en"]) == set(res["delta"]["ko"]) == SCOPE_KEYS - {"n"}
     assert set(res["merge_drift"]) == {
         "abs_loss_diff",
+        "quantization_loss_gap",
+        "excess_loss_diff",
         "merged_loss",
         "trained_loss",
         "top1_disagreement",
@@ -84,6 +86,7 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
     assert d["loss"] == 0.0 and d["chrf"] == 0.0
     # trained = base + zero adapter, only computed in the adapter's bf16 instead of fp32: no real drift
     assert res["merge_drift"]["abs_loss_diff"] < 1e-3
+    assert res["merge_drift"]["quantization_loss_gap"] == 0.0  # lora: no nf4 base, nothing to discount
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
     assert all(s["base"] == s["tuned"] for s in samples)
 

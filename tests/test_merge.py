@@ -53,10 +53,21 @@ def test_merge_writes_contract_and_matches_unmerged(tmp_path, tiny_model_dir, ql
         merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
     )
     # figures: merged vs unmerged is rounding only; vs the nf4 model that trained also carries nf4 error
-    assert set(m) == {"vs_unmerged", "vs_trained", "positions", "n_samples", "n_positions", "passed"}
+    assert set(m) == {
+        "vs_unmerged",
+        "vs_trained",
+        "quantization_gap",
+        "positions",
+        "n_samples",
+        "n_positions",
+        "passed",
+    }
     assert m["passed"] and m["n_samples"] == 3 and m["positions"] == "assistant"
     assert m["vs_unmerged"]["max_logit_abs_diff"] < 0.05 and m["vs_unmerged"]["mean_kl"] < 1e-4
     assert m["vs_trained"]["mean_kl"] > m["vs_unmerged"]["mean_kl"]
+    gap = m["quantization_gap"]["mean_kl"]  # the base's own nf4 error: vs_trained minus it is what merging adds
+    assert gap > 0 and m["vs_trained"]["excess_kl"] == pytest.approx(m["vs_trained"]["mean_kl"] - gap)
+    assert abs(m["vs_trained"]["excess_kl"]) < 0.01  # far under merge.max_excess_kl_vs_trained
     assert json.loads((tmp_path / "metrics" / "merge.json").read_text()) == json.loads(json.dumps(m))
 
 
