@@ -54,8 +54,8 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     assert set(res["delta"]["en"]) == set(res["delta"]["ko"]) == SCOPE_KEYS - {"n"}
     assert set(res["merge_drift"]) == {
         "abs_loss_diff",
+        "loss_diff",
         "quantization_loss_gap",
-        "excess_loss_diff",
         "merged_loss",
         "trained_loss",
         "top1_disagreement",
@@ -91,12 +91,20 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
     assert all(s["base"] == s["tuned"] for s in samples)
 
 
-def test_drift_past_threshold_fails_the_stage(tmp_path, tiny_model_dir):
-    # The merged W16 model differs from the nf4+adapter it was trained as by the nf4 error: > 0 nats.
-    params, p = _pipeline(tmp_path, tiny_model_dir, "qlora", 0.05, **{"evaluate.max_merge_drift": 0.0})
-    with pytest.raises(evaluate.EvaluateError, match=r"\|Δ loss\| .* > evaluate.max_merge_drift 0.0"):
+def test_merged_worse_than_trained_fails_the_stage(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    params, p = _pipeline(tmp_path, tiny_model_dir, "lora", 0.05)
+    weights = tmp_path / "models" / "merged" / "model.safetensors"
+    w = load_file(weights)
+    w["model.norm.weight"] = w["model.norm.weight"] * 20  # a botched merge: logits 20x too sharp
+    save_file(w, weights, metadata={"format": "pt"})
+    with pytest.raises(
+        evaluate.EvaluateError, match=r"merged model is worse than the adapter as trained: .* > evaluate"
+    ):
         evaluate.main(str(params))
-    assert json.loads((tmp_path / "metrics" / "eval.json").read_text())["merge_drift"]["passed"] is False
+    drift = json.loads((tmp_path / "metrics" / "eval.json").read_text())["merge_drift"]
+    assert drift["passed"] is False and drift["loss_diff"] > 0.05 and drift["quantization_loss_gap"] == 0.0
 
 
 def test_generation_stops_at_every_served_eos_id(tiny_model_dir):
