@@ -13,14 +13,11 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import typing
-import urllib.request
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -219,44 +216,21 @@ def test_mlflow_uri_password_is_masked_when_the_server_is_down(tmp_path, tiny_mo
 
 
 @pytest.mark.slow
-def test_mlflow_uri_with_credentials_tracks_the_run_and_stores_no_password(tmp_path, tiny_model_dir):
+def test_mlflow_uri_with_credentials_tracks_the_run_and_stores_no_password(tmp_path, tiny_model_dir, mlflow_server):
     """A basic-auth tracking URI (a password in it) works, and the password lands nowhere: not in the server's store,
     its artifacts, our logs/outputs, nor the console (MLflow prints run URLs on its own)."""
-    port = free_port()
-    store, artifacts = tmp_path / "server/mlflow.db", tmp_path / "server/artifacts"
-    store.parent.mkdir()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store}", "--default-artifact-root", str(artifacts)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        run_dir = tmp_path / "run"
-        params = _train_setup(run_dir, tiny_model_dir)
-        env = env_with(MLFLOW_TRACKING_URI=f"http://alice:{MLFLOW_PASSWORD}@127.0.0.1:{port}",
-                       LOG_DIR=str(run_dir / "logs"))  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(params)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:].replace(MLFLOW_PASSWORD, "***")
-        from mlflow.tracking import MlflowClient
+    run_dir = tmp_path / "run"
+    params = _train_setup(run_dir, tiny_model_dir)
+    with_password = mlflow_server.replace("http://", f"http://alice:{MLFLOW_PASSWORD}@")
+    env = env_with(MLFLOW_TRACKING_URI=with_password, LOG_DIR=str(run_dir / "logs"))
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(params)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:].replace(MLFLOW_PASSWORD, "***")
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        (run,) = client.search_runs([client.get_experiment_by_name("llmops-finetune").experiment_id])
-        assert run.info.status == "FINISHED" and run.data.params["max_steps"] == "2"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("llmops-finetune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["max_steps"] == "2"
     assert leaks({"uri password": MLFLOW_PASSWORD}, tmp_path, text=proc.stdout + proc.stderr) == []
 
 

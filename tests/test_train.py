@@ -426,44 +426,20 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_di
 
 
 @pytest.mark.slow
-def test_mlflow_server_receives_run_params_and_metrics(tmp_path, tiny_model_dir, monkeypatch):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
+def test_mlflow_server_receives_run_params_and_metrics(tmp_path, tiny_model_dir, monkeypatch, mlflow_server):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-server")
+    metrics = train.main(str(setup_run(tmp_path, tiny_model_dir)))
+    from mlflow.tracking import MlflowClient
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.setenv("DVC_EXP_NAME", "exp-server")
-        metrics = train.main(str(setup_run(tmp_path, tiny_model_dir)))
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("llmops-finetune").experiment_id])
-        assert run.info.status == "FINISHED" and run.data.tags["dvc_exp_name"] == "exp-server"
-        assert run.data.params["max_steps"] == "4" and run.data.params["method"] == "qlora"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
-        evals = client.get_metric_history(run.info.run_id, "eval_loss")
-        assert [m.step for m in evals] == [0, 2, 4] and evals[-1].value == pytest.approx(metrics["eval_loss"])
-        assert evals[0].value == pytest.approx(metrics["base_eval_loss"])  # step 0: the base model
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("llmops-finetune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["dvc_exp_name"] == "exp-server"
+    assert run.data.params["max_steps"] == "4" and run.data.params["method"] == "qlora"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    evals = client.get_metric_history(run.info.run_id, "eval_loss")
+    assert [m.step for m in evals] == [0, 2, 4] and evals[-1].value == pytest.approx(metrics["eval_loss"])
+    assert evals[0].value == pytest.approx(metrics["base_eval_loss"])  # step 0: the base model
 
 
 @pytest.mark.slow
