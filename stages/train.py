@@ -195,9 +195,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        nums = [
-            Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
-        ]
+        nums = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         try:
             self.client.log_batch(self.run_id, metrics=nums)
         except Exception as e:
@@ -511,11 +509,9 @@ def main(params_file: str = "params.yaml") -> dict:
     }
     tracker = mlflow_start(paths, t.mlflow_experiment, run_dir, params) if rank0 else None  # fails before training
     try:
-        metrics = fit(p, base_dir, run_dir, resume, tracker, train_rows, val_rows, compute_dtype, device_map)
+        metrics = fit(p, base_dir, run_dir, resume, tracker, train_rows, val_rows, compute_dtype, device_map, t0)
         if not rank0:
             return {}
-        metrics["stage_wall_s"] = round(time.perf_counter() - t0, 2)
-        io.write_json(final / "metrics.json", metrics)  # last: its presence marks the run finished
         export(final, paths)
         if tracker:
             tracker.end(metrics, metrics["steps"])
@@ -527,10 +523,10 @@ def main(params_file: str = "params.yaml") -> dict:
 
 
 def fit(
-    p, base_dir: Path, run_dir: Path, resume: Path | None, tracker, train_rows, val_rows, compute_dtype, device_map
+    p, base_dir: Path, run_dir: Path, resume: Path | None, tracker, train_rows, val_rows, compute_dtype, device_map, t0
 ):
-    """Train (or resume) under the Trainer; rank 0 leaves the finished adapter, its curve and metrics
-    (minus metrics.json) in `run_dir/final/` and returns the metrics."""
+    """Train (or resume) under the Trainer; rank 0 writes the finished adapter, its curve and metrics into
+    `run_dir/final/` in one atomic step (so `final/` exists only for a finished run) and returns the metrics."""
     from transformers import Trainer
 
     t, max_len = p.train, p.preprocess.max_seq_len
@@ -594,6 +590,8 @@ def fit(
         io.write_text(tmp / "curve.csv", to_csv(curve(trainer.state.log_history, base_loss)))
         metrics = summarize(trainer, result, base_loss, evals[-1]["eval_loss"], resume, t)
         metrics.update(compute_dtype=compute_dtype, train_rows=len(train_rows), val_rows=len(val_rows))
+        metrics["stage_wall_s"] = round(time.perf_counter() - t0, 2)
+        io.write_json(tmp / "metrics.json", metrics)
     return metrics
 
 

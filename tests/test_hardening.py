@@ -624,14 +624,10 @@ def _full_after_half(target: Path) -> None:
     raise _enospc(target)
 
 
-def _disk_full_base(tmp: Path, tiny: Path, mp: pytest.MonkeyPatch):
+def _disk_full_on_safetensors(mp: pytest.MonkeyPatch) -> None:
+    """Every safetensors file transformers saves gets half written, then the disk is full."""
     from transformers import modeling_utils
 
-    from stages import base
-
-    over = {"base.model": str(tiny), "base.sha256": "", "base.gguf_file": ""}
-    base.main(str(write_params(tmp, over)))
-    params = write_params(tmp, {**over, "base.dtype": "float32"})  # the rerun would write other bytes
     real = modeling_utils.safe_save_file
 
     def save(tensors, filename, *a, **k):
@@ -639,6 +635,15 @@ def _disk_full_base(tmp: Path, tiny: Path, mp: pytest.MonkeyPatch):
         _full_after_half(Path(filename))
 
     mp.setattr(modeling_utils, "safe_save_file", save)
+
+
+def _disk_full_base(tmp: Path, tiny: Path, mp: pytest.MonkeyPatch):
+    from stages import base
+
+    over = {"base.model": str(tiny), "base.sha256": "", "base.gguf_file": ""}
+    base.main(str(write_params(tmp, over)))
+    params = write_params(tmp, {**over, "base.dtype": "float32"})  # the rerun would write other bytes
+    _disk_full_on_safetensors(mp)
     return tmp / "models/base", lambda: base.main(str(params))
 
 
@@ -661,21 +666,13 @@ def _disk_full_preprocess(tmp: Path, tiny: Path, mp: pytest.MonkeyPatch):
 
 
 def _disk_full_merge(tmp: Path, tiny: Path, mp: pytest.MonkeyPatch, adapters: tuple[Path, Path]):
-    from transformers import modeling_utils
-
     from stages import merge
 
     write_processed(tmp / "data/processed")
     over = {"merge.parity_samples": 2}
     merge.main(str(write_params(tmp, {**over, "paths.adapter_dir": str(adapters[0])}, base_dir=tiny)))
     params = write_params(tmp, {**over, "paths.adapter_dir": str(adapters[1])}, base_dir=tiny)
-    real = modeling_utils.safe_save_file
-
-    def save(tensors, filename, *a, **k):
-        real(tensors, filename, *a, **k)
-        _full_after_half(Path(filename))
-
-    mp.setattr(modeling_utils, "safe_save_file", save)
+    _disk_full_on_safetensors(mp)
     return tmp / "models/merged", lambda: merge.main(str(params))
 
 

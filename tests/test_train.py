@@ -362,6 +362,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_relative_mlflow_store_lands_in_the_main_repo_even_from_a_queue_worker(tmp_path, monkeypatch):
+    paths = config.load(write_params(tmp_path, {"paths.mlflow_uri": "sqlite:///mlflow.db"}), "train").paths
+    repo = tmp_path / "repo"
+    monkeypatch.setenv("DVC_ROOT", str(repo / ".dvc/tmp/exps/tmpab12cd"))  # what `dvc queue start` workers see
+    assert train.tracking_uri(paths) == (f"sqlite:///{repo.resolve()}/mlflow.db", False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw@127.0.0.1:5000")
+    uri, explicit = train.tracking_uri(paths)
+    assert explicit and train.split_credentials(uri) == ("http://127.0.0.1:5000", "alice", "pw")
+
+
 def test_explicit_unreachable_mlflow_fails_before_training(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
     params = setup_run(tmp_path, tiny_model_dir)
