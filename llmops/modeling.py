@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmops.hardware import cpu_has_native_bf16
+from llmops import hardware
+from llmops.stage import StageError
 
 FIX_BASE = "run `dvc repro base` (or `dvc pull base`)"
 FIX_TRAIN = "run `dvc repro train`"
@@ -17,7 +18,7 @@ FIX_MERGE = "run `dvc repro merge`"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_provenance.json")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StageError):
     """A model folder that is missing or damaged; the message names the path and the fix."""
 
 
@@ -67,7 +68,7 @@ def resolve_dtype(name: str) -> str:
 
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "bfloat16" if hardware.cpu_has_native_bf16() else "float32"
 
 
 def torch_dtype(name: str):
@@ -151,6 +152,24 @@ def load_model(
     kw: dict[str, Any] = {"dtype": torch_dtype(dtype), "device_map": resolve_device_map(device_map)}
     if quantize_4bit:
         kw["quantization_config"] = quantization_config(dtype)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir, use_safetensors=True, trust_remote_code=trust_remote_code, **kw
     )
+    if quantize_4bit:
+        keep_nf4_trainable(model)
+    return model
+
+
+def keep_nf4_trainable(model) -> None:
+    """Pin bitsandbytes' nf4 layers to dequantize + matmul in the compute dtype.
+
+    bitsandbytes 0.50 on AVX512-BF16 CPUs repacks nf4 weights for a fused bf16 kernel at the first eval-mode,
+    no-grad forward (the train stage's base eval) and never unpacks them: every later training forward then runs
+    that kernel, which has no backward (no gradient reaches the layer's input, silently) and computes in bf16
+    whatever the compute dtype. The dequantize + matmul path has both; it is also what AVX2 CPUs and GPUs run.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False

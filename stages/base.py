@@ -13,7 +13,6 @@ generation config whose eos ids include the template's end-of-turn token, and pr
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -23,13 +22,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from llmops import chat, config, io, log, modeling
+from llmops import chat, config, io, log, modeling, stage
 
 PYPI_RE = re.compile(r"^pypi:(?P<name>[A-Za-z0-9_.\-]+)==(?P<version>[A-Za-z0-9_.+\-]+)$")
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "LICENSE*"]
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(stage.StageError):
     pass
 
 
@@ -166,10 +165,4 @@ def main(params_file: str = "params.yaml") -> Path:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    try:
-        main(args.params)
-    except (config.ParamsError, BaseModelError, modeling.ModelLoadError) as e:
-        sys.exit(f"base: error: {e}")
+    stage.run("base", main, __doc__)

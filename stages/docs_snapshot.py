@@ -21,10 +21,9 @@ import importlib
 import importlib.metadata as md
 import inspect
 import re
-import sys
 from typing import Any
 
-from llmops import config, io, log
+from llmops import config, io, log, stage
 
 SCHEMA = 1
 # argparse CLIs have no importable parser behind their console script; map them to their parser factory.
@@ -35,7 +34,7 @@ URL = re.compile(r"<?(https?://[^\s>]+)>?")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # dvc colours the documentation links in its descriptions
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(stage.StageError):
     pass
 
 
@@ -291,10 +290,4 @@ def main(params_file: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    try:
-        main(args.params)
-    except (config.ParamsError, SnapshotError) as e:
-        sys.exit(f"docs_snapshot: error: {e}")
+    stage.run("docs_snapshot", main, __doc__)

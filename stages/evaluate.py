@@ -6,25 +6,21 @@ On the first `evaluate.max_samples` test rows in id order (a hash order: stable 
   loss / perplexity  token-weighted mean NLL on assistant tokens + end-of-turn (llmops.chat.encode labels);
   chrf, rouge_l, keyword_recall  on greedy answers to the conversation up to its last assistant turn, made
       with the chat template and eos ids serving uses (`evaluate.engine`: vllm = vLLM's offline engine,
-      hf = transformers generate with left-padded batches, auto = vllm when it imports and starts);
-  merge drift  merged loss minus the loss of the adapter as trained (nf4 base + adapter for qlora, 16-bit
-      base + adapter for lora) on the same rows, nats/token; when the merged model is worse by more than
-      `evaluate.max_merge_drift` the stage fails (exp(0.05) - 1 ≈ 5% perplexity). Merged into the original
-      W16 weights it is usually better than the nf4 model it was trained as (`quantization_loss_gap`).
-Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "merge_drift", "timing_s"}, `paths.eval_samples`
-(prompt, reference, both answers, per-row recall) and `paths.eval_plot` (metric, model, value).
+      hf = transformers generate with left-padded batches, auto = vllm when it imports and starts).
+Whether the merge kept the trained model is the merge stage's gate (metrics/merge.json), not evaluated here.
+Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "compute", "timing_s"}, `paths.eval_samples`
+(prompt, reference, both answers, per-row recall) and `paths.eval_plot` (metric, model, value). `compute` says
+which machine, dtypes and engine produced the figures: bf16 and fp32 machines differ in the last digits.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import io as stdio
 import json
 import math
 import os
-import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -33,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llmops import chat, config, io, log, metrics, modeling
+from llmops import chat, config, hardware, io, log, metrics, modeling, stage
 
 LANGS = ("en", "ko")
 PLOT_METRICS = {
@@ -43,7 +39,7 @@ PLOT_METRICS = {
 }
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(stage.StageError):
     pass
 
 
@@ -170,27 +166,6 @@ def delta(tuned: dict, base: dict) -> dict:
     return {k: delta(v, base[k]) if isinstance(v, dict) else v - base[k] for k, v in tuned.items() if k != "n"}
 
 
-def drift(merged: list[dict], trained: list[dict], base16: list[dict], base4: list[dict] | None) -> dict:
-    """Merged vs the adapter as trained: signed loss difference (the gate: merged must not be worse), its size,
-    and the share of assistant positions whose argmax differs. For qlora merged into the original W16 weights
-    the two also differ by the base's own nf4 error (`quantization_loss_gap`, nf4 minus 16-bit base, no
-    adapter), which usually makes the merged model *better* than what was trained; that is not drift."""
-
-    def loss(rows):
-        return metrics.perplexity([x["nll"] for x in rows], [x["n"] for x in rows])["loss"]
-
-    lm, lt = loss(merged), loss(trained)
-    pairs = [(a, b) for m, t in zip(merged, trained, strict=True) for a, b in zip(m["top1"], t["top1"], strict=True)]
-    return {
-        "loss_diff": lm - lt,
-        "abs_loss_diff": abs(lm - lt),
-        "quantization_loss_gap": loss(base4) - loss(base16) if base4 is not None else 0.0,
-        "merged_loss": lm,
-        "trained_loss": lt,
-        "top1_disagreement": sum(a != b for a, b in pairs) / max(1, len(pairs)),
-    }
-
-
 def plot_csv(base: dict, tuned: dict) -> str:
     """metric,model,value rows for the grouped bar plot; every metric on a 0-100 scale so they share an axis."""
     buf = stdio.StringIO()
@@ -239,33 +214,14 @@ def score_model(model_dir: Path, items: list[dict], e: config.Evaluate, engine: 
     return losses, [tok.decode(a, skip_special_tokens=True).strip() for a in ids], engine
 
 
-def score_trained(base_dir: Path, adapter_dir: Path, prov: dict, items: list[dict], bs: int):
-    """Per-row losses of the adapter as trained (on the nf4 base for qlora, the 16-bit base for lora), and for
-    qlora those of the nf4 base alone (adapter disabled): the quantization floor under the merge drift."""
-    from peft import PeftModel
-
-    qlora = prov["method"] == "qlora"
-    base = modeling.load_model(base_dir, quantize_4bit=qlora, dtype=prov["compute_dtype"])
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    tok = modeling.load_tokenizer(adapter_dir)
-    encoded = [chat.encode(tok, it["messages"], prov["eot_id"]) for it in items]
-    trained = score_loss(model, encoded, bs, "adapter")
-    if not qlora:
-        return trained, None
-    with model.disable_adapter():
-        return trained, score_loss(model, encoded, bs, "4-bit base")
-
-
 def main(params_file: str = "params.yaml") -> dict:
     p = config.load(params_file, "evaluate")
     e, paths = p.evaluate, p.paths
     logger = log.get("evaluate")
-    base_dir, adapter_dir = Path(paths.base_dir), Path(paths.adapter_dir)
+    base_dir = Path(paths.base_dir)
     # Every input up front: a missing merged model must not surface after minutes of scoring the base.
     modeling.require_model_dir(base_dir)
-    modeling.require_adapter_dir(adapter_dir)
     modeling.require_model_dir(paths.merged_dir, modeling.FIX_MERGE)
-    prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
     dtype = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8")).get("dtype", "bfloat16")
     test_file = Path(paths.processed_dir) / "test.jsonl"
     if not test_file.exists():
@@ -280,23 +236,17 @@ def main(params_file: str = "params.yaml") -> dict:
     clock.append(time.perf_counter())
     tuned_losses, tuned_answers, engine = score_model(Path(paths.merged_dir), items, e, engine, dtype, p.seed)
     clock.append(time.perf_counter())
-    trained_losses, base4_losses = score_trained(base_dir, adapter_dir, prov, items, e.batch_size)
-    gap = drift(tuned_losses, trained_losses, base_losses, base4_losses)
-    clock.append(time.perf_counter())
 
     base, tuned = summarize(items, base_losses, base_answers), summarize(items, tuned_losses, tuned_answers)
-    gap.update(
-        trained=f"{'4' if prov['method'] == 'qlora' else '16'}-bit+adapter",
-        max=e.max_merge_drift,
-        passed=gap["loss_diff"] <= e.max_merge_drift,
-    )
-    seconds = dict(zip(("base", "tuned", "trained"), (round(b - a, 1) for a, b in pairwise(clock)), strict=True))
+    seconds = dict(zip(("base", "tuned"), (round(b - a, 1) for a, b in pairwise(clock)), strict=True))
+    compute = {"machine": hardware.machine(), "loss_dtype": modeling.resolve_dtype("auto"), "engine": engine,
+               "generate_dtype": dtype if engine == "vllm" else modeling.resolve_dtype("auto")}  # fmt: skip
     result = _clean({
         "base": base,
         "tuned": tuned,
         "delta": delta(tuned, base),
-        "merge_drift": gap,
-        "timing_s": {**seconds, "total": round(clock[-1] - clock[0], 1), "engine": engine},
+        "compute": compute,
+        "timing_s": {**seconds, "total": round(clock[-1] - clock[0], 1)},
     })  # fmt: skip
     samples = [
         {"id": it["id"], "lang": it["lang"], "prompt": it["prompt"][-1]["content"], "reference": it["reference"],
@@ -308,21 +258,9 @@ def main(params_file: str = "params.yaml") -> dict:
     io.write_jsonl(paths.eval_samples, samples)
     io.write_text(paths.eval_plot, plot_csv(base, tuned))
     logger.info("done", **{f"{m}.{k}": v for m in ("base", "tuned", "delta") for k, v in result[m].items() if k not in LANGS},
-                merge_drift=gap["loss_diff"], seconds=result["timing_s"])  # fmt: skip
-    if not gap["passed"]:
-        raise EvaluateError(
-            f"the merged model is worse than the adapter as trained: loss {gap['merged_loss']:.4f} vs"
-            f" {gap['trained_loss']:.4f} nats/token, +{gap['loss_diff']:.4f} > evaluate.max_merge_drift"
-            f" {e.max_merge_drift}; see the merge stage's parity figures (metrics/merge.json)"
-        )
+                seconds=result["timing_s"])  # fmt: skip
     return result
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    try:
-        main(args.params)
-    except (config.ParamsError, EvaluateError, io.DataFileError, modeling.ModelLoadError, FileNotFoundError) as err:
-        sys.exit(f"evaluate: error: {err}")
+    stage.run("evaluate", main, __doc__)

@@ -16,14 +16,12 @@ different package hash. The commit that produced a package is the one whose dvc.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
-from llmops import chat, config, io, log, modeling
+from llmops import chat, config, io, log, modeling, stage
 
 MANIFEST, CARD, TEMPLATE, GENCONFIG = "manifest.json", "MODEL_CARD.md", "chat_template.jinja", "generation_config.json"
 # Everything that decides the weights and the reported metrics; `paths` is left out so the digest is the same
@@ -32,7 +30,7 @@ DIGEST_SECTIONS = ("base", "preprocess", "synthetic", "train", "merge", "package
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt")
 
 
-class PackageError(RuntimeError):
+class PackageError(stage.StageError):
     pass
 
 
@@ -213,10 +211,4 @@ def main(params_file: str = "params.yaml") -> Path:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    try:
-        main(args.params)
-    except (config.ParamsError, PackageError, io.DataFileError, modeling.ModelLoadError, FileNotFoundError) as e:
-        sys.exit(f"package: error: {e}")
+    stage.run("package", main, __doc__)

@@ -12,10 +12,8 @@ Splits are hash-based on the content id, so a row keeps its split when other row
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from llmops import chat, config, io, log, modeling, text
+from llmops import chat, config, io, log, stage, text
 
 SPLITS = ("train", "val", "test")
 SHAREGPT_ROLES = {
@@ -39,7 +37,7 @@ SHAREGPT_ROLES = {
 }
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(stage.StageError):
     pass
 
 
@@ -256,10 +254,4 @@ def main(params_file: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    try:
-        main(args.params)
-    except (config.ParamsError, PreprocessError, io.DataFileError, modeling.ModelLoadError) as e:
-        sys.exit(f"preprocess: error: {e}")
+    stage.run("preprocess", main, __doc__)

@@ -20,7 +20,6 @@ contract (source `synthetic:<generator>`); synthetic rows only ever feed trainin
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -28,7 +27,6 @@ import os
 import random
 import re
 import string
-import sys
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +37,7 @@ import numpy as np
 from scipy import sparse
 from tqdm import tqdm
 
-from llmops import chat, config, io, log, modeling, text
+from llmops import chat, config, io, log, stage, text
 
 LANGS = ("en", "ko")
 REASONS = (
@@ -70,7 +68,7 @@ HASH_DIM = 1 << 24  # hashed shingle space: collisions between two ~300-shingle 
 BATCH = 256
 
 
-class SyntheticError(RuntimeError):
+class SyntheticError(stage.StageError):
     pass
 
 
@@ -669,10 +667,4 @@ def main(params_file: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    try:
-        main(args.params)
-    except (config.ParamsError, SyntheticError, io.DataFileError, modeling.ModelLoadError) as e:
-        sys.exit(f"synthetic: error: {e}")
+    stage.run("synthetic", main, __doc__)

@@ -24,7 +24,6 @@ thread counts or library versions may change float reduction order, hence the la
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import csv
@@ -35,19 +34,18 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from llmops import chat, config, io, log, modeling
+from llmops import chat, config, hardware, io, log, modeling, stage
 
 CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "lr", "tokens_per_s")
 
 
-class TrainError(RuntimeError):
+class TrainError(stage.StageError):
     pass
 
 
@@ -364,7 +362,7 @@ def resolve_compute(t: config.Train) -> tuple[str, object]:
         raise TrainError("train.compute_dtype=float16 needs a CUDA GPU; use auto, bfloat16 or float32 on CPU")
     if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
         raise TrainError("train.compute_dtype=bfloat16 but this GPU lacks bf16; use auto or float16")
-    if dtype == "bfloat16" and not cuda and not modeling.cpu_has_native_bf16():
+    if dtype == "bfloat16" and not cuda and not hardware.cpu_has_native_bf16():
         log.get("train").warning(
             "bf16_emulated", hint="this CPU lacks AVX512-BF16/AMX: compute_dtype auto (fp32) is faster"
         )
@@ -570,9 +568,13 @@ def fit(
                 f"({max_len}), or set train.gradient_checkpointing: true"
             ) from e
         raise
-    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-    if not evals or evals[-1]["step"] != trainer.state.global_step or t.early_stopping_patience:
-        evals.append({"step": trainer.state.global_step, **trainer.evaluate()})  # best model's, if restored
+    step, history = trainer.state.global_step, list(trainer.state.log_history)  # the curve: what each step logged
+    last = next((e for e in reversed(history) if "eval_loss" in e), None)
+    if last is None or last["step"] != step:  # the schedule made no eval at the last step
+        last = {"step": step, **trainer.evaluate()}
+        history.append(last)
+    # Early stopping restored the best checkpoint: its loss, evaluated again, is the run's result (not in the curve).
+    final_loss = trainer.evaluate()["eval_loss"] if t.early_stopping_patience else last["eval_loss"]
     # Every rank takes part in the save (FSDP gathers the shards); only the main process writes.
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -587,9 +589,11 @@ def fit(
             "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
             "seed": p.seed, "train": config.asdict(t), "eot_id": eot,
         })  # fmt: skip
-        io.write_text(tmp / "curve.csv", to_csv(curve(trainer.state.log_history, base_loss)))
-        metrics = summarize(trainer, result, base_loss, evals[-1]["eval_loss"], resume, t)
-        metrics.update(compute_dtype=compute_dtype, train_rows=len(train_rows), val_rows=len(val_rows))
+        io.write_text(tmp / "curve.csv", to_csv(curve(history, base_loss)))
+        metrics = summarize(trainer, result, base_loss, final_loss, resume, t)
+        metrics.update(
+            compute_dtype=compute_dtype, machine=hardware.machine(), train_rows=len(train_rows), val_rows=len(val_rows)
+        )
         metrics["stage_wall_s"] = round(time.perf_counter() - t0, 2)
         io.write_json(tmp / "metrics.json", metrics)
     return metrics
@@ -613,10 +617,4 @@ def export(final: Path, paths: config.Paths) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    try:
-        main(args.params)
-    except (config.ParamsError, TrainError, io.DataFileError, modeling.ModelLoadError) as e:
-        sys.exit(f"train: error: {e}")
+    stage.run("train", main, __doc__)

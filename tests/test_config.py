@@ -88,6 +88,7 @@ def test_missing_and_broken_params_file(tmp_path):
 
 
 def _imports(path) -> set[str]:
+    """The llmops modules a file imports, directly or through other llmops modules."""
     tree = ast.parse(path.read_text())
     mods = set()
     for node in ast.walk(tree):
@@ -95,6 +96,9 @@ def _imports(path) -> set[str]:
             mods |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmops."):
             mods.add(node.module.split(".")[1])
+    for mod in list(mods):
+        if (dep := ROOT / "llmops" / f"{mod}.py") != path:
+            mods |= _imports(dep)
     return mods
 
 

@@ -1,4 +1,4 @@
-"""evaluate: exact output shape, zero adapter → zero deltas, drift gate, served stop tokens, vLLM fallback."""
+"""evaluate: exact output shape, zero adapter → zero deltas, served stop tokens, vLLM fallback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llmops import chat, config, io, metrics, modeling
+from llmops import chat, config, hardware, io, metrics, modeling
 from stages import evaluate, merge
 from tests.conftest import make_adapter, write_params, write_processed
 
@@ -45,26 +45,17 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     monkeypatch.setattr(evaluate, "vllm_usable", lambda: True)
     monkeypatch.setattr(evaluate, "generate_vllm", broken_vllm)
     res = evaluate.main(str(params))
-    assert set(res) == {"base", "tuned", "delta", "merge_drift", "timing_s"}
+    assert set(res) == {"base", "tuned", "delta", "compute", "timing_s"}
     for model in ("base", "tuned"):
         assert set(res[model]) == SCOPE_KEYS | {"en", "ko"}  # overall figures, then per language
         assert set(res[model]["en"]) == set(res[model]["ko"]) == SCOPE_KEYS
         assert res[model]["n"] == 4 and res[model]["en"]["n"] == res[model]["ko"]["n"] == 2
     assert set(res["delta"]) == SCOPE_KEYS - {"n"} | {"en", "ko"}
     assert set(res["delta"]["en"]) == set(res["delta"]["ko"]) == SCOPE_KEYS - {"n"}
-    assert set(res["merge_drift"]) == {
-        "abs_loss_diff",
-        "loss_diff",
-        "quantization_loss_gap",
-        "merged_loss",
-        "trained_loss",
-        "top1_disagreement",
-        "trained",
-        "max",
-        "passed",
-    }
-    assert res["merge_drift"]["trained"] == "4-bit+adapter" and res["merge_drift"]["passed"]
-    assert res["timing_s"]["engine"] == "hf"  # vLLM failed to start, auto fell back
+    dtype = modeling.resolve_dtype("auto")  # what a reviewer needs to compare two machines' figures
+    assert res["compute"] == {"machine": hardware.machine(), "loss_dtype": dtype, "generate_dtype": dtype,
+                              "engine": "hf"}  # fmt: skip  # vLLM failed to start, auto fell back
+    assert set(res["timing_s"]) == {"base", "tuned", "total"}
     assert json.loads((tmp_path / "metrics" / "eval.json").read_text()) == res
 
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
@@ -84,27 +75,8 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
     leaves = [v for k, v in d.items() if k not in ("en", "ko")] + [*d["en"].values(), *d["ko"].values()]
     assert len(leaves) == 15 and all(v == 0.0 for v in leaves if v is not None)
     assert d["loss"] == 0.0 and d["chrf"] == 0.0
-    # trained = base + zero adapter, only computed in the adapter's bf16 instead of fp32: no real drift
-    assert res["merge_drift"]["abs_loss_diff"] < 1e-3
-    assert res["merge_drift"]["quantization_loss_gap"] == 0.0  # lora: no nf4 base, nothing to discount
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
     assert all(s["base"] == s["tuned"] for s in samples)
-
-
-def test_merged_worse_than_trained_fails_the_stage(tmp_path, tiny_model_dir):
-    from safetensors.torch import load_file, save_file
-
-    params, p = _pipeline(tmp_path, tiny_model_dir, "lora", 0.05)
-    weights = tmp_path / "models" / "merged" / "model.safetensors"
-    w = load_file(weights)
-    w["model.norm.weight"] = w["model.norm.weight"] * 20  # a botched merge: logits 20x too sharp
-    save_file(w, weights, metadata={"format": "pt"})
-    with pytest.raises(
-        evaluate.EvaluateError, match=r"merged model is worse than the adapter as trained: .* > evaluate"
-    ):
-        evaluate.main(str(params))
-    drift = json.loads((tmp_path / "metrics" / "eval.json").read_text())["merge_drift"]
-    assert drift["passed"] is False and drift["loss_diff"] > 0.05 and drift["quantization_loss_gap"] == 0.0
 
 
 def test_generation_stops_at_every_served_eos_id(tiny_model_dir):

@@ -365,8 +365,6 @@ CASES = [
          setup=chain(base_copy(lambda d: truncate(d / "model.safetensors")), with_adapter())),
     # ---- adapter / merged model missing downstream
     Case("merge-adapter-missing", "merge", (r"models/adapter: missing adapter_config\.json", FIX_TRAIN), setup=processed),
-    Case("evaluate-adapter-missing", "evaluate", (r"models/adapter\b", FIX_TRAIN), setup=processed,
-         over={"evaluate.engine": "hf"}),
     Case("evaluate-merged-missing", "evaluate", (r"models/merged\b", FIX_MERGE), setup=with_adapter(),
          over={"evaluate.engine": "hf", "evaluate.max_samples": 2, "evaluate.max_new_tokens": 2}),
     Case("package-merged-missing", "package", (r"models/merged\b", FIX_MERGE), setup=processed),

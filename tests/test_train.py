@@ -132,15 +132,15 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1), ce])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # AVX2 CPUs compute in fp32, GPUs/AVX512-BF16 in bf16
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_packed_batch_gives_each_example_its_unpacked_logits_and_loss(tmp_path, tiny_model_dir, method):
+def test_packed_batch_gives_each_example_its_unpacked_logits_and_loss(tmp_path, tiny_model_dir, method, dtype):
     params = setup_run(tmp_path, tiny_model_dir, {"train.method": method})
     t = config.load(params, "train").train
     tok = modeling.load_tokenizer(tiny_model_dir)
     eot = chat.end_of_turn_id(tok)
     rows = _rows("seed_en.jsonl", 0, 2, "seed") + _rows("seed_ko.jsonl", 0, 2, "seed")
     ex = train.encode_rows(rows, tok, eot, 768)
-    dtype = modeling.resolve_dtype("auto")
     model = train.build_model(tiny_model_dir, t, dtype, {"": "cpu"}, seed=0).eval()
     with torch.no_grad():  # LoRA B is zero at init: make the adapter matter, so it is part of what is compared
         for name, prm in model.named_parameters():
@@ -157,18 +157,43 @@ def test_packed_batch_gives_each_example_its_unpacked_logits_and_loss(tmp_path, 
     for e in ex:
         bounds.append(bounds[-1] + len(e["input_ids"]))
     spans = list(zip(bounds, bounds[1:], strict=False))
-    tol = 1e-5 if dtype == "float32" else 2e-2
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: other matmul shapes round differently
     per_tok = _token_losses(out.logits, batch["labels"])
+    packing_err = 0.0
     for (s, e), logits, x in zip(spans, alone, ex, strict=True):
         torch.testing.assert_close(out.logits[0, s:e], logits, rtol=tol, atol=tol)
+        packing_err = max(packing_err, (out.logits[0, s:e] - logits).abs().max().item())
         assert per_tok[s:e].sum().item() == pytest.approx(
             _token_losses(logits[None], torch.tensor([x["labels"]])).sum().item(), rel=tol
         )
     n_labels = sum(x.n_trainable for x in [chat.encode(tok, r["messages"], eot) for r in rows])
     expect = sum(_token_losses(lg[None], torch.tensor([x["labels"]])).sum() for lg, x in zip(alone, ex, strict=True))
     assert out.loss.item() == pytest.approx(expect.item() / n_labels, rel=tol)  # the packed loss is the token mean
-    for (s, e), logits in list(zip(spans, alone, strict=True))[1:]:  # the check can fail: leakage shows
-        assert (leak.logits[0, s:e] - logits).abs().max() > 100 * tol
+    # The check can fail: leakage moves the later examples' logits far beyond the dtype's own rounding noise.
+    for (s, e), logits in list(zip(spans, alone, strict=True))[1:]:
+        assert (leak.logits[0, s:e] - logits).abs().max().item() > 10 * max(packing_err, tol)
+
+
+def test_nf4_layers_pass_gradients_after_an_eval_forward(tiny_model_dir):
+    """bitsandbytes 0.50 repacks nf4 weights for a bf16 kernel without backward at the first eval-mode forward on
+    AVX512-BF16 CPUs; the train stage evaluates the base before training, so every QLoRA step after it lost the
+    gradient through the frozen layers. modeling.keep_nf4_trainable pins the dequantize + matmul path."""
+    model = modeling.load_model(tiny_model_dir, quantize_4bit=True, dtype="float32", device_map="cpu")
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0), requires_grad=True)
+
+    def input_grad():
+        x.grad = None
+        layer(x).sum().backward()
+        assert x.grad is not None, "no gradient reached the nf4 layer's input"
+        return x.grad.clone()
+
+    before = input_grad()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    model.train()
+    torch.testing.assert_close(input_grad(), before)
 
 
 # ---------------------------------------------------------------- outputs of a run
@@ -279,15 +304,17 @@ def test_rerun_after_success_reexports_the_same_outputs_without_training(tmp_pat
 
 
 def test_early_stopping_stops_and_restores_the_best_checkpoint(tmp_path, tiny_model_dir):
-    over = {"train.max_steps": 24, "train.eval_every": 1, "train.save_every": 1, "train.lr": 1.0,
-            "train.warmup_ratio": 0.0, "train.early_stopping_patience": 1, "train.early_stopping_threshold": 0.01}  # fmt: skip
+    # lr 5e-3: the val loss falls smoothly with shrinking gains (0.02 ... 0.001 per step, in bf16 and fp32 alike),
+    # so the stop comes well inside the budget on any machine; where exactly is checked against the curve.
+    over = {"train.max_steps": 24, "train.eval_every": 1, "train.save_every": 1, "train.lr": 5e-3,
+            "train.warmup_ratio": 0.0, "train.early_stopping_patience": 1, "train.early_stopping_threshold": 0.002}  # fmt: skip
     params = setup_run(tmp_path, tiny_model_dir, over)
-    metrics = train.main(str(params))  # the val loss flattens out within a few steps at lr 1.0: it must stop
+    metrics = train.main(str(params))
     lines = Path(_paths(params).train_curve).read_text().splitlines()[1:]
     evals = {int(ln.split(",")[0]): float(ln.split(",")[2]) for ln in lines if ln.split(",")[2]}
-    assert 2 < metrics["steps"] < 24
+    assert 3 < metrics["steps"] < 24 and sorted(evals) == list(range(metrics["steps"] + 1))  # every step's own eval
     gains = [evals[s - 1] - evals[s] for s in range(2, metrics["steps"] + 1)]
-    assert all(g > 0.01 for g in gains[:-1]) and gains[-1] <= 0.01  # stopped at the first gain under the threshold
+    assert all(g > 0.002 for g in gains[:-1]) and gains[-1] <= 0.002  # stopped at the first gain under the threshold
     assert metrics["eval_loss"] == pytest.approx(min(v for s, v in evals.items() if s > 0), rel=1e-5)  # the best
 
 
