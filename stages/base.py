@@ -93,9 +93,74 @@ def fetch_hf(repo: str, revision: str, workdir: Path) -> Path:
                 repo, revision=revision, token=token, local_dir=workdir / "hf", allow_patterns=WEIGHT_PATTERNS
             )
         )
-    except Exception as e:  # hub errors are many types; one message with the fix
-        hint = "" if token else " (gated model? export HUGGINGFACE_TOKEN)"
-        raise BaseModelError(f"hf:{repo}@{revision}: download failed: {type(e).__name__}: {e}{hint}") from None
+    except Exception as e:  # hub errors are many types: say which failure it is and its fix
+        err = _deciding_error(e)
+        detail = " ".join(str(err).split())[:200]
+        msg = f"hf:{repo}@{revision}: download failed: {hub_failure(err, repo, revision, token is not None)} "
+        msg += f"[{type(err).__name__}: {detail}]"
+        raise BaseModelError(msg.replace(token, "***") if token else msg) from None
+
+
+def _deciding_error(e: BaseException) -> BaseException:
+    # snapshot_download re-raises a failed Hub call (connection, offline, 403, 429, 5xx) as LocalEntryNotFoundError
+    # "not in the local cache", chaining the real error: that one tells what went wrong.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return e.__cause__ if isinstance(e, LocalEntryNotFoundError) and e.__cause__ is not None else e
+
+
+def hub_failure(err: BaseException, repo: str, revision: str, has_token: bool) -> str:
+    """What failed and the fix, from huggingface_hub's exception types and the HTTP status: offline, unreachable,
+    login or access needed (401/403), not found (404), rate-limited, Hub down. Never includes the token."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hub
+
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    licence = f"accept the licence on https://huggingface.co/{repo} with that account"
+    local = "download the model where there is network and set base.model to that folder"
+    if isinstance(err, hub.OfflineModeIsEnabled) or (
+        isinstance(err, hub.LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE
+    ):
+        return f"HF_HUB_OFFLINE is set, so the Hub is not asked; unset HF_HUB_OFFLINE, or {local}"
+    if isinstance(err, hub.GatedRepoError):
+        if has_token:
+            return (
+                f"gated model and HUGGINGFACE_TOKEN's account has no access yet; {licence} (approval may take a while)"
+            )
+        return f"gated model; export HUGGINGFACE_TOKEN and {licence}"
+    if isinstance(err, hub.RevisionNotFoundError):
+        return f"revision {revision!r} not found in {repo} (404); check base.revision (a branch, tag or commit)"
+    if status == 401:  # the Hub answers 401 to an anonymous request for a private, gated or missing repo alike
+        if has_token:
+            return (
+                "HUGGINGFACE_TOKEN was refused (401: invalid or expired); export a read token from "
+                "https://huggingface.co/settings/tokens"
+            )
+        return (
+            f"the Hub wants a login (401): a private or gated model, or a wrong name; export HUGGINGFACE_TOKEN and "
+            f"{licence}, or check base.model"
+        )
+    if status == 403:
+        return (
+            f"access denied (403): a gated or private model; export HUGGINGFACE_TOKEN of an account with access "
+            f"(a fine-grained token needs read access to {repo}) and {licence}"
+        )
+    if status == 404 or isinstance(err, hub.RemoteEntryNotFoundError):
+        seen = ", or HUGGINGFACE_TOKEN's account cannot see a private repo" if has_token else ""
+        return f"not found (404); check base.model and base.revision ({revision!r}){seen}"
+    if status == 429:
+        return "rate-limited by the Hub (429); wait and rerun" + ("" if has_token else ", or export HUGGINGFACE_TOKEN")
+    if status is not None and status >= 500:
+        return f"the Hub answered {status} (down or overloaded); rerun later"
+    if isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError, hub.LocalEntryNotFoundError)):
+        return (
+            f"cannot reach the Hub at {constants.ENDPOINT} (no network, or a DNS, proxy or TLS failure); check the "
+            f"connection (HTTPS_PROXY, HF_ENDPOINT) and rerun, or {local}"
+        )
+    if isinstance(err, hub.HFValidationError):
+        return "invalid repo id or revision; check base.model and base.revision"
+    return "unexpected Hub error; check base.model, base.revision and the network, then rerun"
 
 
 def convert(src: Path, gguf_file: str | None, dtype: str, trust_remote_code: bool, out: Path) -> dict:

