@@ -53,6 +53,7 @@ class Paths:
     checkpoint_dir: str
     train_metrics: str
     train_curve: str
+    train_speed: str
     merged_dir: str
     merge_metrics: str
     eval_metrics: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 
 import pytest
 import yaml
@@ -117,3 +118,19 @@ def test_dvc_stages_declare_their_code_and_params():
         for out in stage.get("outs", []):
             key = out if isinstance(out, str) else next(iter(out))
             assert key.startswith("${paths."), f"{name}: out {key} is not declared in params.yaml paths"
+
+
+@pytest.mark.parametrize("override", ["train.lr=0.0003", "evaluate.max_new_tokens=32", "serve.port=9000", "seed=7"])
+def test_dvc_set_param_rewrites_only_that_value(tmp_path, override):
+    """`dvc exp run -S` rewrites params.yaml through ruamel (every list as a block list, long lines wrapped): the
+    file is kept in that form, so an experiment's diff is the one value it changed."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` does to params.yaml
+
+    copy = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", copy)
+    apply_overrides(str(copy), [override])
+    before, after = (ROOT / "params.yaml").read_text().splitlines(), copy.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
+    key, value = override.rsplit("=", 1)
+    assert len(before) == len(after) and len(changed) == 1, changed
+    assert changed[0][1].split("#")[0].strip() == f"{key.split('.')[-1]}: {value}"

@@ -397,6 +397,9 @@ CASES = [
                      rows_file("x.csv", lambda f: f.write_text("prompt,completion\nq1,a1\nq2,a2\nq3,a3\n")))),
     Case("rows-train-row-too-long", "train", (r"row too-long-row \(synthetic:docs\): too_long", r"rerun preprocess/synthetic"),
          over={"train.tokens_per_batch": 1024}, setup=long_train_row),
+    Case("train-target-modules-typo", "train",
+         (r"train\.target_modules: \['k_proj v_proj'\] match no module", r"a missing comma"),
+         over={"train.target_modules": ["q_proj", "k_proj v_proj", "o_proj"]}, setup=train_inputs),
     Case("rows-train-truncated-jsonl", "train", (r"processed/train\.jsonl", r"line \d+", FIX_RERUN),
          setup=chain(train_inputs, broken_jsonl("processed_dir", "train.jsonl"))),
     Case("rows-merge-truncated-val", "merge", (r"processed/val\.jsonl", r"line \d+", FIX_RERUN),
@@ -568,24 +571,35 @@ def _set_param(repo: Path, dotted: str, value) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["bad-param", "bad-rows"])
-def test_dvc_repro_failure_leaves_no_lock_and_no_output(repo_copy, tiny_model_dir, fault):
+@pytest.mark.parametrize("fault", ["bad-param", "bad-rows", "base-typo"])
+def test_dvc_repro_failure_keeps_the_last_good_outputs(repo_copy, tiny_model_dir, fault):
+    """DVC deletes a stage's outs before running it unless they are `persist`: every out is, and stages replace
+    them only on success, so a failed `dvc repro` leaves the last good run in place and recorded in dvc.lock."""
     _repo_with_base(repo_copy, tiny_model_dir)
+    assert dvc(repo_copy, "repro", "preprocess").returncode == 0
+    outs = {p: tree_bytes(repo_copy / p) for p in ("models/base", "data/processed", "metrics/data.json")}
+    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]
+    stage = "base" if fault == "base-typo" else "preprocess"
     if fault == "bad-param":
         _set_param(repo_copy, "preprocess.val_frac", 0.7)
         want = r"^preprocess: error: .*preprocess\.val_frac: 0\.7 must be < 0\.5"
-    else:
+    elif fault == "bad-rows":
         with open(repo_copy / "data/raw/seed_en.jsonl", "a") as f:
             f.write('{"messages": [{"role": "user", "content": "truncated\n' * 40)
         want = r"^preprocess: error: .*preprocess\.max_rejected_frac=0\.05.*rejected\.jsonl"
-    proc = dvc(repo_copy, "repro", "preprocess")
+    else:  # a one-character typo in the model path
+        _set_param(repo_copy, "base.model", str(tiny_model_dir) + "x")
+        want = r"^base: error: base\.model='\S+x': not a folder on disk"
+    proc = dvc(repo_copy, "repro", stage)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert any(re.search(want, ln) for ln in proc.stderr.splitlines()), proc.stderr[-3000:]
-    assert "failed to reproduce 'preprocess'" in proc.stderr
-    assert not (repo_copy / "data/processed").exists() and not (repo_copy / "metrics/data.json").exists()
-    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
-    assert "preprocess" not in lock["stages"]  # a failed run is never recorded as done
+    line = next((ln for ln in proc.stderr.splitlines() if re.search(want, ln)), None)
+    assert line and line.endswith("outputs not replaced: they still hold the last good run"), proc.stderr[-3000:]
+    assert f"failed to reproduce '{stage}'" in proc.stderr
+    assert {p: tree_bytes(repo_copy / p) for p in outs} == outs  # byte for byte, the last good run
+    assert yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"] == lock  # a failed run is never recorded
+    status = dvc(repo_copy, "status", stage)
+    assert "changed" in status.stdout and "deleted" not in status.stdout, status.stdout
     assert_dvc_unlocked(repo_copy)
 
 

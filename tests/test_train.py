@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmops import chat, config, io, modeling, text
+from llmops import chat, checkpoints, config, io, modeling, packing, text, tracking
+from llmops.stage import StageError
 from stages import train
 from tests.conftest import ROOT, write_params
 
@@ -98,28 +99,28 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 def test_make_batches_respects_the_token_budget_exactly():
     ex = [{"input_ids": [7] * n, "labels": [7] * n} for n in (5, 4, 3, 6, 2)]
-    packed = train.make_batches(ex, 9, packing=True, seed=None)
+    packed = packing.make_batches(ex, 9, packing=True, seed=None)
     assert [[len(e["input_ids"]) for e in b["examples"]] for b in packed] == [[5, 4], [3, 6], [2]]
-    padded = train.make_batches(ex, 9, packing=False, seed=None)  # rows x longest <= 9
+    padded = packing.make_batches(ex, 9, packing=False, seed=None)  # rows x longest <= 9
     assert [[len(e["input_ids"]) for e in b["examples"]] for b in padded] == [[5], [4, 3], [6], [2]]
-    assert [[len(e["input_ids"]) for e in b["examples"]] for b in train.make_batches(ex, 12, False, None)] == [
+    assert [[len(e["input_ids"]) for e in b["examples"]] for b in packing.make_batches(ex, 12, False, None)] == [
         [5, 4], [3, 6], [2]]  # fmt: skip
-    shuffled = train.make_batches(ex, 9, packing=True, seed=1)
+    shuffled = packing.make_batches(ex, 9, packing=True, seed=1)
     assert sorted(len(e["input_ids"]) for b in shuffled for e in b["examples"]) == [2, 3, 4, 5, 6]
-    assert shuffled == train.make_batches(ex, 9, packing=True, seed=1)  # the seed fixes the order
-    with pytest.raises(train.TrainError, match="10 tokens > train.tokens_per_batch=9"):
-        train.make_batches([{"input_ids": [1] * 10, "labels": [1] * 10}], 9, True, None)
+    assert shuffled == packing.make_batches(ex, 9, packing=True, seed=1)  # the seed fixes the order
+    with pytest.raises(StageError, match="10 tokens > train.tokens_per_batch=9"):
+        packing.make_batches([{"input_ids": [1] * 10, "labels": [1] * 10}], 9, True, None)
 
 
 def test_collators_flatten_with_restarting_positions_or_pad_with_a_mask():
     a = {"input_ids": [1, 10, 11], "labels": [-100, 11, 2]}
     b = {"input_ids": [1, 20], "labels": [-100, 2]}
-    packed = train.Collator(True, pad_id=2)([{"examples": [a, b]}])
+    packed = packing.Collator(True, pad_id=2)([{"examples": [a, b]}])
     assert packed["input_ids"].tolist() == [[1, 10, 11, 1, 20]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert packed["labels"].tolist() == [[-100, 11, 2, -100, 2]]
     assert "attention_mask" not in packed  # with a mask transformers would not split the sequences
-    padded = train.Collator(False, pad_id=2)([{"examples": [a, b]}])
+    padded = packing.Collator(False, pad_id=2)([{"examples": [a, b]}])
     assert padded["input_ids"].tolist() == [[1, 10, 11], [1, 20, 2]]
     assert padded["labels"].tolist() == [[-100, 11, 2], [-100, 2, -100]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -140,7 +141,7 @@ def test_packed_batch_gives_each_example_its_unpacked_logits_and_loss(tmp_path, 
     tok = modeling.load_tokenizer(tiny_model_dir)
     eot = chat.end_of_turn_id(tok)
     rows = _rows("seed_en.jsonl", 0, 2, "seed") + _rows("seed_ko.jsonl", 0, 2, "seed")
-    ex = train.encode_rows(rows, tok, eot, 768)
+    ex = packing.encode_rows(rows, tok, eot, 768)
     model = train.build_model(tiny_model_dir, t, dtype, {"": "cpu"}, seed=0).eval()
     with torch.no_grad():  # LoRA B is zero at init: make the adapter matter, so it is part of what is compared
         for name, prm in model.named_parameters():
@@ -149,7 +150,7 @@ def test_packed_batch_gives_each_example_its_unpacked_logits_and_loss(tmp_path, 
     assert model.config._attn_implementation == "sdpa"  # what transformers picks on CPU, so what training uses
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in ex]
-        batch = train.Collator(True, tok.pad_token_id)([{"examples": ex}])
+        batch = packing.Collator(True, tok.pad_token_id)([{"examples": ex}])
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
         # Negative control: one long sequence (positions 0..N) lets later examples attend to earlier ones.
         leak = model(input_ids=batch["input_ids"], position_ids=torch.arange(batch["input_ids"].shape[1])[None])
@@ -233,18 +234,20 @@ def test_metrics_and_curve_are_exact(trained, tiny_model_dir):
     params, metrics = trained
     p = config.load(params, "train", "preprocess")
     on_disk = json.loads(Path(p.paths.train_metrics).read_text())
-    assert on_disk == pytest.approx(metrics)
+    speed = json.loads(Path(p.paths.train_speed).read_text())
+    assert set(speed) == {"tokens_per_s", "train_wall_s", "stage_wall_s"}  # the run-to-run part, on its own
+    assert {**on_disk, **speed} == pytest.approx(metrics)
     tok = modeling.load_tokenizer(tiny_model_dir)
     rows = io.read_jsonl(f"{p.paths.processed_dir}/train.jsonl") + io.read_jsonl(f"{p.paths.synthetic_dir}/train.jsonl")
-    ex = train.encode_rows(rows, tok, 2, 768)
-    n = len(train.make_batches(ex, 1024, True, p.seed))  # one epoch = one optimizer step per batch
+    ex = packing.encode_rows(rows, tok, 2, 768)
+    n = len(packing.make_batches(ex, 1024, True, p.seed))  # one epoch = one optimizer step per batch
     assert metrics["steps"] == n and n >= 6 and metrics["epochs"] == 1.0 and metrics["resumed_from_step"] == 0
     assert (metrics["train_rows"], metrics["val_rows"]) == (32, 6)
     assert metrics["tokens_seen"] == sum(len(e["input_ids"]) for e in ex)  # every real token once, no padding
     assert metrics["tokens_per_s"] > 0 and metrics["train_wall_s"] > 0
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
     lines = Path(p.paths.train_curve).read_text().splitlines()
-    assert lines[0] == "step,train_loss,eval_loss,lr,tokens_per_s"
+    assert lines[0] == "step,train_loss,eval_loss,lr"
     rows = [dict(zip(lines[0].split(","), ln.split(","), strict=True)) for ln in lines[1:]]
     assert [int(r["step"]) for r in rows] == list(range(n + 1))
     assert [i for i, r in enumerate(rows) if r["eval_loss"]] == sorted({*range(0, n + 1, 2), n})  # eval_every 2 + end
@@ -272,17 +275,24 @@ def test_mlflow_default_store_gets_run_params_metrics_and_tags(trained):
     assert run.data.metrics["final_eval_loss"] == pytest.approx(metrics["eval_loss"])
 
 
-def test_same_params_and_data_give_the_same_adapter_bytes(trained, tiny_model_dir, tmp_path):
+def test_same_params_and_data_give_the_same_output_bytes_in_any_process(trained, tiny_model_dir, tmp_path):
+    """Two trainings of the same inputs, the second in a process with another PYTHONHASHSEED (peft's set of target
+    modules iterates in hash order): every output file DVC hashes is identical, so nothing downstream reruns."""
     params, first = trained
     again = setup_run(tmp_path, tiny_model_dir, ONE_EPOCH)
-    stale = Path(_paths(again).checkpoint_dir) / "0123456789abcdef" / "checkpoint-2"
-    stale.mkdir(parents=True)
-    (stale / "trainer_state.json").write_text("{}")  # another params/data run: must not be resumed
-    second = train.main(str(again))
-    a, b = Path(_paths(params).adapter_dir), Path(_paths(again).adapter_dir)
-    assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
-    assert second["resumed_from_step"] == 0 and not stale.parent.exists()
-    assert second["eval_loss"] == first["eval_loss"]
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(again)], cwd=ROOT,
+                          env={**_stage_env(), "PYTHONHASHSEED": "12345", "DVC_EXP_NAME": "exp-tiny"},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _paths(params), _paths(again)
+    for out in ("adapter_dir", "train_metrics", "train_curve"):
+        assert _tree_hashes(Path(getattr(a, out))) == _tree_hashes(Path(getattr(b, out))), out
+    assert json.loads(Path(b.train_speed).read_text())["tokens_per_s"] > 0
+
+
+def _tree_hashes(path: Path) -> dict[str, str]:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {str(f.relative_to(path) if path.is_dir() else f.name): io.sha256_file(f) for f in files if f.is_file()}
 
 
 def test_rerun_after_success_reexports_the_same_outputs_without_training(tmp_path, tiny_model_dir, monkeypatch):
@@ -301,6 +311,28 @@ def test_rerun_after_success_reexports_the_same_outputs_without_training(tmp_pat
     assert train.main(str(params)) == first
     assert [f.read_bytes() for f in outs] == before  # byte-identical: DVC sees no change
     assert not (Path(paths.adapter_dir) / "training_args.bin").exists()  # no pickles in the adapter
+
+
+def test_switching_a_param_and_back_reexports_and_only_the_last_runs_stay(tmp_path, tiny_model_dir, monkeypatch):
+    def run(lr: float) -> dict:
+        return train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 1, "train.lr": lr})))
+
+    root = Path(_paths(setup_run(tmp_path, tiny_model_dir)).checkpoint_dir)
+    first, _ = run(1e-3), run(2e-3)
+    adapter = Path(_paths(setup_run(tmp_path, tiny_model_dir)).adapter_dir) / "adapter_model.safetensors"
+    fit = train.fit
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("switching back must not train again"))
+    assert run(1e-3) == first  # back to the first lr: exported from its finished run
+    trained_first = adapter.read_bytes()
+    monkeypatch.setattr(train, "fit", fit)
+    for lr in (3e-3, 4e-3):
+        run(lr)
+    kept = {json.loads((d / "final" / "train_provenance.json").read_text())["train"]["lr"] for d in root.iterdir()}
+    assert kept == {1e-3, 3e-3, 4e-3}  # the KEEP=3 most recently used; 2e-3 went, after the 4th run succeeded
+    assert len(list(root.iterdir())) == checkpoints.KEEP
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("still kept: must not train again"))
+    run(1e-3)
+    assert adapter.read_bytes() == trained_first
 
 
 def test_early_stopping_stops_and_restores_the_best_checkpoint(tmp_path, tiny_model_dir):
@@ -322,14 +354,16 @@ def test_run_key_changes_with_params_and_data(tmp_path, tiny_model_dir):
     params = setup_run(tmp_path, tiny_model_dir)
     p = config.load(params, "train", "preprocess")
     files = [Path(p.paths.processed_dir) / "train.jsonl", Path(p.paths.processed_dir) / "val.jsonl"]
-    key = train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 1)
-    assert key == train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 1)
-    other_lr = config.load(write_params(tmp_path, {**FAST, "train.lr": 1e-4}, base_dir=tiny_model_dir), "train").train
-    assert train.run_key(other_lr, p.seed, 768, tiny_model_dir, files, 1) != key
-    assert train.run_key(p.train, p.seed + 1, 768, tiny_model_dir, files, 1) != key
-    assert train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 2) != key
+
+    def key(train_params=None, seed=p.seed, world=1):
+        return checkpoints.run_key(train_params or config.asdict(p.train), seed, 768, tiny_model_dir, files, world)
+
+    first = key()
+    assert first == key()
+    assert key({**config.asdict(p.train), "lr": 1e-4}) != first
+    assert key(seed=p.seed + 1) != first and key(world=2) != first
     files[1].write_text(files[1].read_text().replace("a", "b", 1))
-    assert train.run_key(p.train, p.seed, 768, tiny_model_dir, files, 1) != key
+    assert key() != first
 
 
 # ---------------------------------------------------------------- errors
@@ -342,20 +376,22 @@ def test_run_key_changes_with_params_and_data(tmp_path, tiny_model_dir):
         ({"train.device_map": "cuda:0"}, "torch sees no CUDA device"),
         ({"train.tokens_per_batch": 512}, "train.tokens_per_batch=512 < preprocess.max_seq_len=768"),
         ({"train.early_stopping_patience": 2, "train.save_every": 3}, "must be a multiple of train.eval_every"),
+        # a missing comma in YAML's flow list: peft would adapt q_proj only and train without a word
+        ({"train.target_modules": ["q_proj", "k_proj v_proj"]}, r"\['k_proj v_proj'\] match no module of .*o_proj"),
     ],
 )
 def test_unusable_settings_fail_before_any_work(tmp_path, tiny_model_dir, overrides, message):
     if torch.cuda.is_available() and "cuda" in message.lower():
         pytest.skip("this box has CUDA")
     params = setup_run(tmp_path, tiny_model_dir, overrides)
-    with pytest.raises(train.TrainError, match=message):
+    with pytest.raises(StageError, match=message):
         train.main(str(params))
     assert not Path(_paths(params).checkpoint_dir).exists()
 
 
 def test_missing_bitsandbytes_is_named_with_the_fix(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
-    with pytest.raises(train.TrainError, match=r"train.method=qlora needs bitsandbytes.*train.method: lora"):
+    with pytest.raises(StageError, match=r"train.method=qlora needs bitsandbytes.*train.method: lora"):
         train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 1})))
 
 
@@ -366,7 +402,7 @@ def test_out_of_memory_gets_a_hint(tmp_path, tiny_model_dir, monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(Trainer, "train", oom)
-    with pytest.raises(train.TrainError, match=r"out of memory: lower train.tokens_per_batch \(1024\)"):
+    with pytest.raises(StageError, match=r"out of memory: lower train.tokens_per_batch \(1024\)"):
         train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.method": "lora"})))
 
 
@@ -393,21 +429,25 @@ def test_relative_mlflow_store_lands_in_the_main_repo_even_from_a_queue_worker(t
     paths = config.load(write_params(tmp_path, {"paths.mlflow_uri": "sqlite:///mlflow.db"}), "train").paths
     repo = tmp_path / "repo"
     monkeypatch.setenv("DVC_ROOT", str(repo / ".dvc/tmp/exps/tmpab12cd"))  # what `dvc queue start` workers see
-    assert train.tracking_uri(paths) == (f"sqlite:///{repo.resolve()}/mlflow.db", False)
+    assert tracking.resolve_uri(paths.mlflow_uri) == (f"sqlite:///{repo.resolve()}/mlflow.db", False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw@127.0.0.1:5000")
-    uri, explicit = train.tracking_uri(paths)
-    assert explicit and train.split_credentials(uri) == ("http://127.0.0.1:5000", "alice", "pw")
+    uri, explicit = tracking.resolve_uri(paths.mlflow_uri)
+    assert explicit and tracking.split_credentials(uri) == ("http://127.0.0.1:5000", "alice", "pw")
 
 
-def test_explicit_unreachable_mlflow_fails_before_training(tmp_path, tiny_model_dir, monkeypatch):
+def test_explicit_unreachable_mlflow_fails_before_training_and_deletes_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    earlier = train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 1})))  # a finished run
+    root = Path(_paths(setup_run(tmp_path, tiny_model_dir)).checkpoint_dir)
+    before = {d.name: _tree_hashes(d) for d in root.iterdir()}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
-    params = setup_run(tmp_path, tiny_model_dir)
+    params = setup_run(tmp_path, tiny_model_dir)  # another run key (4 steps)
     t0 = time.monotonic()
-    with pytest.raises(train.TrainError, match="MLFLOW_TRACKING_URI=http://127.0.0.1:.* is unreachable"):
+    with pytest.raises(StageError, match="MLFLOW_TRACKING_URI=http://127.0.0.1:.* is unreachable"):
         train.main(str(params))
     assert time.monotonic() - t0 < 60
-    assert not list(Path(_paths(params).checkpoint_dir).glob("*/checkpoint-*"))
-    assert not Path(_paths(params).adapter_dir).exists()
+    assert not [c for c in root.glob("*/checkpoint-*") if c.parent.name not in before]  # nothing trained
+    assert {d.name: _tree_hashes(d) for d in root.iterdir() if d.name in before} == before  # the earlier run intact
+    assert json.loads(Path(_paths(params).train_metrics).read_text())["steps"] == earlier["steps"]  # outputs kept
 
 
 def test_broken_default_store_only_warns(tmp_path, tiny_model_dir, caplog):

@@ -1,0 +1,79 @@
+"""Training examples and micro-batches: chat-template encoding, token-budget batching, padding-free packing.
+
+Rows are encoded with the base model's chat template (loss on assistant tokens + end-of-turn only), then grouped
+into micro-batches of at most `tokens_per_batch` real tokens; each micro-batch is one Trainer "sample" (batch size
+1). With packing a micro-batch is one flat row with position ids restarting per example (padding-free, as
+transformers' DataCollatorWithFlattening): attention never crosses examples and no pad token is computed.
+"""
+
+from __future__ import annotations
+
+import random
+
+from llmops import chat
+from llmops.stage import StageError
+
+
+def encode_rows(rows: list[dict], tokenizer, eot_id: int, max_len: int) -> list[dict]:
+    """Chat-template encode; loss only on assistant replies (+ their end-of-turn token)."""
+    out = []
+    for r in rows:
+        try:
+            enc = chat.encode(tokenizer, r["messages"], eot_id, max_len)
+        except chat.ChatFormatError as e:
+            raise StageError(f"row {r.get('id')} ({r.get('source')}): {e}; rerun preprocess/synthetic") from None
+        out.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return out
+
+
+def make_batches(examples: list[dict], tokens_per_batch: int, packing: bool, seed: int | None) -> list[dict]:
+    """Group examples (shuffled with `seed`, in order if None) into micro-batches under a token budget.
+
+    Packed: the sum of lengths ≤ budget. Padded: (examples × longest) ≤ budget, so both modes spend
+    about the same memory per micro-batch.
+    """
+    order = list(range(len(examples)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    used = longest = 0
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > tokens_per_batch:
+            raise StageError(f"an example has {n} tokens > train.tokens_per_batch={tokens_per_batch}")
+        cost = used + n if packing else (len(cur) + 1) * max(longest, n)
+        if cur and cost > tokens_per_batch:
+            batches.append(cur)
+            cur, used, longest = [], 0, 0
+        cur.append(i)
+        used, longest = used + n, max(longest, n)
+    if cur:
+        batches.append(cur)
+    return [{"examples": [examples[i] for i in b]} for b in batches]
+
+
+class Collator:
+    """Packed: one flat row + per-example position ids, no attention mask (so transformers builds a
+    block-diagonal causal mask from the position ids). Padded: right-padded rows + attention mask."""
+
+    def __init__(self, packing: bool, pad_id: int):
+        from transformers import DataCollatorWithFlattening
+
+        self.packing, self.pad_id = packing, pad_id
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True)
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        feats = [ex for item in batch for ex in item["examples"]]
+        if self.packing:
+            return self.flatten(feats)
+        width = max(len(f["input_ids"]) for f in feats)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in feats])
+
+        mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in feats])
+        return {"input_ids": pad("input_ids", self.pad_id), "labels": pad("labels", chat.IGNORE_INDEX),
+                "attention_mask": mask}  # fmt: skip
