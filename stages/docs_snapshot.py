@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from llmops import config, io, log, stage
+from llmops.stage import StageError
 
 SCHEMA = 1
 # argparse CLIs have no importable parser behind their console script; map them to their parser factory.
@@ -32,10 +33,6 @@ DOC_SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Attributes):\s*$")
 DOC_ENTRY = re.compile(r"^(\*{0,2}\w+)\s*(?:\((.*)\))?\s*:\s*(.*)$")
 URL = re.compile(r"<?(https?://[^\s>]+)>?")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # dvc colours the documentation links in its descriptions
-
-
-class SnapshotError(stage.StageError):
-    pass
 
 
 def norm(text: str | None) -> str:
@@ -134,14 +131,12 @@ def mine_tool(tool: str, logger) -> list[dict]:
         return walk_argparse(getattr(importlib.import_module(mod), fn)())
     eps = [e for e in md.entry_points(group="console_scripts") if e.name == tool]
     if not eps:
-        raise SnapshotError(
-            f"synthetic.docs.tools: {tool!r} is not an installed CLI (no console script); fix params.yaml"
-        )
+        raise StageError(f"synthetic.docs.tools: {tool!r} is not an installed CLI (no console script); fix params.yaml")
     import click
 
     obj = eps[0].load()
     if not isinstance(obj, click.Command):
-        raise SnapshotError(
+        raise StageError(
             f"synthetic.docs.tools: {tool!r} is neither a click CLI nor in ARGPARSE_FACTORIES; add its parser factory"
         )
     return walk_click(obj, click.Context(obj, info_name=tool), logger)
@@ -164,7 +159,7 @@ def resolve(dotted: str) -> Any:
         except AttributeError:
             break
         return obj
-    raise SnapshotError(f"synthetic.docs.modules: cannot import {dotted!r}; fix params.yaml or install it")
+    raise StageError(f"synthetic.docs.modules: cannot import {dotted!r}; fix params.yaml or install it")
 
 
 def doc_args(doc: str) -> dict[str, dict]:
@@ -256,7 +251,7 @@ def dist_version(module: str) -> tuple[str, str]:
     except md.PackageNotFoundError:  # import name != distribution name (slow path: scans site-packages)
         dists = sorted(md.packages_distributions().get(top, []))
         if not dists:
-            raise SnapshotError(f"{module}: no installed distribution provides {top!r}") from None
+            raise StageError(f"{module}: no installed distribution provides {top!r}") from None
         return dists[0], md.version(dists[0])
 
 
@@ -275,7 +270,7 @@ def main(params_file: str = "params.yaml") -> dict:
     p = config.load(params_file, "synthetic")
     docs = p.synthetic.docs
     if docs is None:
-        raise SnapshotError("synthetic.docs: section missing (tools and modules to mine)")
+        raise StageError("synthetic.docs: section missing (tools and modules to mine)")
     logger = log.get("docs_snapshot")
     snap = snapshot(docs.tools, docs.modules, logger)
     io.write_json(p.paths.docs_snapshot, snap)

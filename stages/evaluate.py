@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import gc
 import io as stdio
-import json
 import math
 import os
 import time
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llmops import chat, config, hardware, io, log, metrics, modeling, stage
+from llmops.stage import StageError
 
 LANGS = ("en", "ko")
 PLOT_METRICS = {
@@ -37,10 +37,6 @@ PLOT_METRICS = {
     "rouge_l": ("ROUGE-L ×100", 100.0),
     "keyword_recall": ("keyword recall %", 100.0),
 }
-
-
-class EvaluateError(stage.StageError):
-    pass
 
 
 def load_items(rows: list[dict], n: int) -> list[dict]:
@@ -51,31 +47,14 @@ def load_items(rows: list[dict], n: int) -> list[dict]:
         items.append({"id": r["id"], "lang": r["lang"], "messages": r["messages"], "prompt": r["messages"][:last],
                       "reference": r["messages"][last]["content"]})  # fmt: skip
     if not items:
-        raise EvaluateError("the test split is empty: nothing to evaluate")
+        raise StageError("the test split is empty: nothing to evaluate")
     return items
 
 
-@torch.inference_mode()
 def score_loss(model, encoded: list[chat.Encoded], batch_size: int, desc: str) -> list[dict]:
-    """Per row: summed NLL and count over assistant tokens, and the argmax token at each of them."""
-    device = next(model.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(encoded), batch_size), desc=f"loss {desc}", leave=False):
-        batch = encoded[i : i + batch_size]
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in batch], device=device)
-        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch], device=device)
-        labels = torch.tensor([e.labels + [chat.IGNORE_INDEX] * (width - len(e.labels)) for e in batch], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=chat.IGNORE_INDEX, reduction="none")
-        keep = target != chat.IGNORE_INDEX
-        top1 = logits.argmax(-1)
-        for j in range(len(batch)):
-            out.append(
-                {"nll": nll[j][keep[j]].sum().item(), "n": int(keep[j].sum()), "top1": top1[j][keep[j]].tolist()}
-            )
-    return out
+    """Per row: summed NLL and count over assistant tokens."""
+    return [{"nll": F.cross_entropy(logits, targets, reduction="sum").item(), "n": len(targets)}
+            for logits, targets in modeling.assistant_positions(model, encoded, batch_size, f"loss {desc}")]  # fmt: skip
 
 
 def eos_ids(model_dir: Path) -> tuple[list[int], int]:
@@ -83,10 +62,9 @@ def eos_ids(model_dir: Path) -> tuple[list[int], int]:
     from transformers import GenerationConfig
 
     gen = GenerationConfig.from_pretrained(model_dir)
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    eos = [e for e in eos if e is not None]
+    eos = modeling.stop_ids(gen.eos_token_id)
     if not eos:
-        raise EvaluateError(f"{model_dir}/generation_config.json has no eos_token_id: generation would never stop")
+        raise StageError(f"{model_dir}/generation_config.json has no eos_token_id: generation would never stop")
     return eos, gen.pad_token_id if gen.pad_token_id is not None else eos[0]
 
 
@@ -202,7 +180,7 @@ def score_model(model_dir: Path, items: list[dict], e: config.Evaluate, engine: 
             engine = "vllm"
         except Exception as err:  # vLLM fails in many ways (no kernels for this CPU, OOM, ...)
             if engine == "vllm":
-                raise EvaluateError(f"vLLM generation failed on {model_dir}: {type(err).__name__}: {err}") from err
+                raise StageError(f"vLLM generation failed on {model_dir}: {type(err).__name__}: {err}") from err
             log.get("evaluate").warning("vllm_failed_using_hf", error=f"{type(err).__name__}: {err}")
     model = modeling.load_model(model_dir, quantize_4bit=False, dtype=modeling.resolve_dtype("auto")).eval()
     losses = score_loss(model, [chat.encode(tok, it["messages"], eot) for it in items], e.batch_size, model_dir.name)
@@ -222,10 +200,10 @@ def main(params_file: str = "params.yaml") -> dict:
     # Every input up front: a missing merged model must not surface after minutes of scoring the base.
     modeling.require_model_dir(base_dir)
     modeling.require_model_dir(paths.merged_dir, modeling.FIX_MERGE)
-    dtype = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8")).get("dtype", "bfloat16")
+    dtype = modeling.read_provenance(base_dir).get("dtype", "bfloat16")
     test_file = Path(paths.processed_dir) / "test.jsonl"
     if not test_file.exists():
-        raise EvaluateError(f"{test_file} missing: run `dvc repro preprocess`")
+        raise StageError(f"{test_file} missing: run `dvc repro preprocess`")
     items = load_items(io.read_jsonl(test_file), e.max_samples)
     engine = e.engine if e.engine != "auto" or vllm_usable() else "hf"
     logger.info("start", samples=len(items), engine=engine, max_new_tokens=e.max_new_tokens)

@@ -23,29 +23,24 @@ Figures go to `paths.merge_metrics`, also when the gate fails; then `paths.merge
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from llmops import chat, config, hardware, io, log, modeling, stage
+from llmops.stage import StageError
 
 PARITY_DTYPE = "float32"  # every comparison, whatever the machine: see the module docstring
-
-
-class MergeError(stage.StageError):
-    pass
 
 
 def read_adapter(adapter_dir: Path, base_dir: Path) -> dict:
     """The adapter's train provenance, after checking the contract files and that it was trained on this base."""
     modeling.require_adapter_dir(adapter_dir)
-    prov = json.loads((adapter_dir / "train_provenance.json").read_text(encoding="utf-8"))
-    base_prov = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8"))
+    prov = modeling.read_provenance(adapter_dir, "train_provenance.json", modeling.FIX_TRAIN)
+    base_prov = modeling.read_provenance(base_dir)
     if prov.get("base_provenance") != base_prov:
-        raise MergeError(f"{adapter_dir} was trained on another base than {base_dir} (provenance differs); rerun train")
+        raise StageError(f"{adapter_dir} was trained on another base than {base_dir} (provenance differs); rerun train")
     return prov
 
 
@@ -55,7 +50,7 @@ def load_base16(base_dir: Path, base_weights: str, prov: dict):
     if base_weights == "original":
         return modeling.load_model(base_dir, quantize_4bit=False, dtype=PARITY_DTYPE)
     if prov["method"] != "qlora":
-        raise MergeError("merge.base_weights=dequantized needs a qlora adapter (this one trained on 16-bit weights)")
+        raise StageError("merge.base_weights=dequantized needs a qlora adapter (this one trained on 16-bit weights)")
     model = modeling.load_model(base_dir, quantize_4bit=True, dtype=prov["compute_dtype"])
     return model.dequantize(dtype=torch.float32).float()  # + norms/embeddings
 
@@ -75,33 +70,16 @@ def save_merged(model, tokenizer, eot_id: int, dtype: str, out: Path) -> list[in
     """`dtype` safetensors + tokenizer/template + a generation config whose eos ids include end-of-turn."""
     model.to(modeling.torch_dtype(dtype))  # one rounding, after W + BA was summed in fp32
     model.config.dtype = dtype
-    gen = model.generation_config
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    gen.eos_token_id = sorted({e for e in eos if e is not None} | {eot_id})
-    if gen.pad_token_id is None:
-        gen.pad_token_id = eot_id
+    eos = modeling.set_stop_ids(model, eot_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return gen.eos_token_id
+    return eos
 
 
 def parity_samples(rows: list[dict], tokenizer, eot_id: int, n: int) -> list[chat.Encoded]:
     if not rows:
-        raise MergeError("the val split is empty: no rows for the parity check")
+        raise StageError("the val split is empty: no rows for the parity check")
     return [chat.encode(tokenizer, r["messages"], eot_id) for r in rows[:n]]
-
-
-@torch.inference_mode()
-def assistant_logits(model, samples: list[chat.Encoded], desc: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sample: fp32 logits [n_pos, vocab] at the positions that predict assistant tokens, and those tokens."""
-    device = next(model.parameters()).device
-    out = []
-    for enc in tqdm(samples, desc=desc, leave=False):
-        logits = model(input_ids=torch.tensor([enc.input_ids], device=device)).logits[0, :-1]
-        labels = torch.tensor(enc.labels[1:], device=device)
-        mask = labels != chat.IGNORE_INDEX
-        out.append((logits[mask].float().cpu(), labels[mask].cpu()))
-    return out
 
 
 def mean_nll(scored: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -154,14 +132,14 @@ def main(params_file: str = "params.yaml") -> dict:
     eot = prov["eot_id"]
     val_file = Path(paths.processed_dir) / "val.jsonl"
     if not val_file.exists():
-        raise MergeError(f"{val_file} missing: run `dvc repro preprocess`")
+        raise StageError(f"{val_file} missing: run `dvc repro preprocess`")
     samples = parity_samples(io.read_jsonl(val_file), tokenizer, eot, m.parity_samples)
     logger.info("merge", method=method, base_weights=m.base_weights, dtype=dtype, parity_dtype=PARITY_DTYPE,
                 parity_samples=len(samples))  # fmt: skip
 
     def scored(load, desc: str) -> list:
         model = load()  # one model in memory at a time: a GPU box holds one 8B copy, not three
-        out = assistant_logits(model, samples, desc)
+        out = list(modeling.assistant_positions(model, samples, desc=desc))
         del model
         gc.collect()
         if torch.cuda.is_available():
@@ -198,7 +176,7 @@ def main(params_file: str = "params.yaml") -> dict:
         io.write_json(paths.merge_metrics, metrics)
         logger.info("parity", **{f"{k}.{kk}": round(v, 6) for k, f in figures.items() for kk, v in f.items()})
         if failure:
-            raise MergeError(f"parity check failed: {failure}; {paths.merged_dir} not replaced (figures in "
+            raise StageError(f"parity check failed: {failure}; {paths.merged_dir} not replaced (figures in "
                              f"{paths.merge_metrics})")  # fmt: skip
         io.write_json(
             staging / "merge_provenance.json",

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from llmops import chat, config, io, log, modeling, stage
+from llmops.stage import StageError
 
 MANIFEST, CARD, TEMPLATE, GENCONFIG = "manifest.json", "MODEL_CARD.md", "chat_template.jinja", "generation_config.json"
 # Everything that decides the weights and the reported metrics; `paths` is left out so the digest is the same
@@ -30,21 +31,17 @@ DIGEST_SECTIONS = ("base", "preprocess", "synthetic", "train", "merge", "package
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt")
 
 
-class PackageError(stage.StageError):
-    pass
-
-
 def model_files(merged: Path) -> list[Path]:
     """The merged folder's files, refusing pickled weights and folders missing what vLLM needs."""
     files = sorted(f for f in merged.iterdir() if f.is_file() and not f.name.startswith("."))
     if bad := [f.name for f in files if f.suffix in PICKLES]:
-        raise PackageError(f"{merged}: pickled weights {bad} are never packaged (save with safetensors)")
+        raise StageError(f"{merged}: pickled weights {bad} are never packaged (save with safetensors)")
     names = {f.name for f in files}
     missing = [n for n in ("config.json", GENCONFIG) if n not in names]
     missing += [] if any(n.endswith(".safetensors") for n in names) else ["*.safetensors"]
     missing += [] if names & {"tokenizer.json", "tokenizer.model"} else ["tokenizer.json"]
     if missing:
-        raise PackageError(f"{merged}: not a complete model folder, missing {missing} (run the merge stage)")
+        raise StageError(f"{merged}: not a complete model folder, missing {missing} (run the merge stage)")
     return files
 
 
@@ -53,14 +50,13 @@ def serving_defaults(merged: Path, pkg: config.Package, tokenizer) -> dict:
     cfg = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     limit = cfg.get("max_position_embeddings")
     if limit and pkg.max_model_len > limit:
-        raise PackageError(f"package.max_model_len={pkg.max_model_len} > the model's max_position_embeddings={limit}")
+        raise StageError(f"package.max_model_len={pkg.max_model_len} > the model's max_position_embeddings={limit}")
     gen = json.loads((merged / GENCONFIG).read_text(encoding="utf-8"))
-    eos = gen.get("eos_token_id")
-    eos = sorted(eos) if isinstance(eos, list) else [eos]
+    eos = modeling.stop_ids(gen.get("eos_token_id"))
     eot = chat.end_of_turn_id(tokenizer)
     if eot not in eos:
         # vLLM stops on generation_config's eos ids: without the end-of-turn token replies run to max_tokens.
-        raise PackageError(f"{merged / GENCONFIG}: eos_token_id {eos} lacks the end-of-turn id {eot}")
+        raise StageError(f"{merged / GENCONFIG}: eos_token_id {eos} lacks the end-of-turn id {eot}")
     return {
         "served_model_name": pkg.served_model_name,
         "max_model_len": pkg.max_model_len,
@@ -78,7 +74,7 @@ def headline(keys: tuple[str, ...], sources: dict[str, dict | None]) -> tuple[di
     for key in keys:
         src, _, dotted = key.partition(".")
         if src not in ("train", "merge") or not dotted:
-            raise PackageError(f"package.headline_metrics: {key!r} must look like train.<key> or merge.<key.path>")
+            raise StageError(f"package.headline_metrics: {key!r} must look like train.<key> or merge.<key.path>")
         node = sources.get(src)
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -161,13 +157,13 @@ def build(p: config.Params, out: Path, logger) -> dict:
     files = model_files(merged)
     tokenizer = modeling.load_tokenizer(merged, trust_remote_code=p.base.trust_remote_code)
     if not isinstance(tokenizer.chat_template, str):
-        raise PackageError(f"{merged}: no chat template (an instruct model needs one to be served)")
+        raise StageError(f"{merged}: no chat template (an instruct model needs one to be served)")
     serving = serving_defaults(merged, pkg, tokenizer)
     for f in files:
         shutil.copyfile(f, out / f.name)  # plain copy: content only, no mtimes/permissions in the package
     if not (out / TEMPLATE).exists():  # older tokenizers keep the template inside tokenizer_config.json
         io.write_text(out / TEMPLATE, tokenizer.chat_template)
-    base_prov = json.loads((Path(p.paths.base_dir) / "provenance.json").read_text(encoding="utf-8"))
+    base_prov = modeling.read_provenance(p.paths.base_dir)
     base_prov.pop("files", None)  # the base's own file hashes say nothing about this package
     sources = {}
     for name, path in (("train", p.paths.train_metrics), ("merge", p.paths.merge_metrics)):
@@ -200,8 +196,7 @@ def main(params_file: str = "params.yaml") -> Path:
     p = config.load(params_file, *DIGEST_SECTIONS)
     out, logger = Path(p.paths.package_dir), log.get("package")
     modeling.require_model_dir(p.paths.merged_dir, modeling.FIX_MERGE)  # inputs first: one line, nothing written
-    if not (Path(p.paths.base_dir) / "provenance.json").exists():
-        raise PackageError(f"{p.paths.base_dir}/provenance.json missing: {modeling.FIX_BASE}")
+    modeling.read_provenance(p.paths.base_dir)
     logger.info("package", merged=p.paths.merged_dir, out=str(out))
     with io.atomic_dir(out) as staging:
         manifest = build(p, staging, logger)

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llmops import chat, config, io, log, stage, text
+from llmops.stage import StageError
 
 SPLITS = ("train", "val", "test")
 SHAREGPT_ROLES = {
@@ -42,10 +43,6 @@ SHAREGPT_ROLES = {
 }
 
 
-class PreprocessError(stage.StageError):
-    pass
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -56,7 +53,7 @@ def read_source(src: config.Source) -> Iterator[tuple[int, Any]]:
         empty = False
         yield item
     if empty:
-        raise PreprocessError(
+        raise StageError(
             f"{src.path}: no rows (an empty file or dataset); fill it or remove it from preprocess.sources"
         )
 
@@ -72,7 +69,7 @@ def _read_rows(src: config.Source) -> Iterator[tuple[int, Any]]:
         return
     path = Path(spec)
     if not path.exists():
-        raise PreprocessError(f"preprocess.sources: {spec} does not exist (fix the path in params.yaml)")
+        raise StageError(f"preprocess.sources: {spec} does not exist (fix the path in params.yaml)")
     if path.is_dir():
         yield from enumerate(_load_dataset_folder(path, src.split), start=1)
         return
@@ -89,14 +86,14 @@ def _read_rows(src: config.Source) -> Iterator[tuple[int, Any]]:
         try:
             data = json.loads("".join(line for _, line in _text_lines(path)))
         except json.JSONDecodeError as e:
-            raise PreprocessError(
+            raise StageError(
                 f"{spec}: line {e.lineno} column {e.colno} is not valid JSON ({e.msg}); fix the file, or save it as "
                 ".jsonl (one record per line) so a bad record is quarantined instead of failing the stage"
             ) from None
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):
-            raise PreprocessError(f"{spec}: a .json source must hold a list of records (or {{'data': [...]}})")
+            raise StageError(f"{spec}: a .json source must hold a list of records (or {{'data': [...]}})")
         yield from enumerate(data, start=1)
     elif suffix == ".csv":
         yield from enumerate(_read_csv(path), start=1)
@@ -109,15 +106,13 @@ def _read_rows(src: config.Source) -> Iterator[tuple[int, Any]]:
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         except (pa.ArrowException, DatasetGenerationError) as e:
             cause = e.__cause__ or e
-            raise PreprocessError(
+            raise StageError(
                 f"{spec}: not a readable Parquet file ({type(cause).__name__}: {_one_line(cause)}); the file is "
                 "truncated or not Parquet: export it again (or save the rows as .jsonl)"
             ) from None
         yield from enumerate(ds, start=1)
     else:
-        raise PreprocessError(
-            f"{spec}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv or a folder)"
-        )
+        raise StageError(f"{spec}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv or a folder)")
 
 
 def _one_line(e: BaseException) -> str:
@@ -137,7 +132,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 col = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
-                raise PreprocessError(
+                raise StageError(
                     f"{path}: line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}: {e.reason}); "
                     "re-save the file as UTF-8, e.g. iconv -f CP949 -t UTF-8 (name the encoding it was written in)"
                 ) from None
@@ -165,7 +160,7 @@ def _read_csv(path: Path) -> Iterator[Any]:
             else:
                 yield dict(zip(header, row, strict=True))
     except csv.Error as e:
-        raise PreprocessError(
+        raise StageError(
             f"{path}: line {reader.line_num} is not valid CSV ({e}); fix the quoting, or save the rows as .jsonl"
         ) from None
 
@@ -179,13 +174,13 @@ def _load_dataset_folder(path: Path, split: str):
     except FileNotFoundError:
         files = sorted(f.name for f in path.iterdir() if f.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"))
         listed = f" ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
-        raise PreprocessError(
+        raise StageError(
             f"{path}: not a datasets.save_to_disk folder (no dataset_info.json + state.json or dataset_dict.json); "
             f"list its data files{listed} in preprocess.sources instead (.jsonl, .json, .parquet or .csv)"
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise PreprocessError(
+            raise StageError(
                 f"{path}: no split {split!r} in this DatasetDict (it has {', '.join(ds)}); set `split:` on this "
                 "source in preprocess.sources"
             )
@@ -374,18 +369,18 @@ def main(params_file: str = "params.yaml") -> dict:
     if invalid_share > pp.max_rejected_frac:
         top = ", ".join(f"{k}={v}" for k, v in metrics["rejected"]["by_reason"].items())
         first = next(r for r in rejected if r["reason"] != "duplicate")
-        raise PreprocessError(
+        raise StageError(
             f"{metrics['rejected']['invalid']}/{len(all_records)} rows rejected ({invalid_share:.1%} > "
             f"preprocess.max_rejected_frac={pp.max_rejected_frac}): {top}; first: {first['source']} row "
             f"{first['row']}: {first['reason']}; fix the rows or the source's format, see {paths.rejected}"
         )
     if dead := unusable_sources(all_records, rejected):
-        raise PreprocessError(
+        raise StageError(
             f"{'; '.join(dead)}; fix the rows or the source's format (messages, sharegpt or alpaca) in "
             f"preprocess.sources, or remove the source; see {paths.rejected}"
         )
     if not splits["train"]:
-        raise PreprocessError("no training rows left after validation; check preprocess.sources")
+        raise StageError("no training rows left after validation; check preprocess.sources")
     with io.atomic_dir(paths.processed_dir) as tmp:
         for name, rows in splits.items():
             io.write_jsonl(tmp / f"{name}.jsonl", rows)

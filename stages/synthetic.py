@@ -9,12 +9,12 @@ Generators (`synthetic.generator`):
            question phrasings per fact. The seed picks which facts, phrasings and command aliases are used.
   teacher  self-instruct through any OpenAI-compatible endpoint (`synthetic.teacher`, `openai` client): seeds
            are processed train questions and/or docs facts. Responses are cached in
-           `<synthetic_dir>/teacher_cache.jsonl` (a `persist: true` out, so DVC keeps it across reruns), keyed
+           `paths.teacher_cache` (a `persist: true` out, so DVC keeps it across reruns), keyed
            by a hash of model, messages, temperature, max_tokens and request seed: only new prompts are sent.
 Filters, counted in `paths.synthetic_metrics`: unparseable/empty, refusal, answer length, language
 (llmops.text.detect_lang of question and answer, code spans left out), flags a docs-seeded teacher answer
 invents, exact and near duplicates against every processed split and within the synthetic set, and the token
-budget `preprocess.max_seq_len`. Output `<synthetic_dir>/train.jsonl` in the processed-row
+budget `preprocess.max_seq_len`. Output `paths.synthetic_train` in the processed-row
 contract (source `synthetic:<generator>`); synthetic rows only ever feed training, never val/test.
 """
 
@@ -38,6 +38,7 @@ from scipy import sparse
 from tqdm import tqdm
 
 from llmops import chat, config, io, log, stage, text
+from llmops.stage import StageError
 
 LANGS = ("en", "ko")
 REASONS = (
@@ -59,17 +60,12 @@ REFUSAL = re.compile(
     r"답변(?:할|을 드릴) 수 없",
     re.IGNORECASE,
 )
-CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)  # code is language-neutral: left out of the language check
 FLAG = re.compile(r"(?<![\w./=-])--?[A-Za-z][\w-]*")  # a command-line flag mentioned in prose
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`\[(\"'])")
 NON_WORD = re.compile(r"[^\w]+")  # punctuation and backticks do not make a row new: `dvc push` == dvc push
 SHINGLE = 5  # characters; 5-grams separate MLOps sentences well in both English and Hangul
 HASH_DIM = 1 << 24  # hashed shingle space: collisions between two ~300-shingle sets are ~0.5% likely, harmless
 BATCH = 256
-
-
-class SyntheticError(stage.StageError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -389,7 +385,7 @@ def teacher_prompts(t: config.TeacherGenerator, train_rows: list[dict], snap: di
         fact = next(facts, None) if kind == "docs" else None
         if kind == "train" or fact is None:
             if not pool:
-                raise SyntheticError("synthetic.teacher.seeds: no train questions and no docs facts to seed from")
+                raise StageError("synthetic.teacher.seeds: no train questions and no docs facts to seed from")
             examples = "\n".join(f"- {q}" for q in rng.sample(pool, min(3, len(pool))))
             prompt, question, context = SELF_INSTRUCT.format(examples=examples, language=LANG_NAME[lang]), None, None
         else:
@@ -414,7 +410,7 @@ def cache_key(model: str, messages: list[dict], temperature: float, max_tokens: 
 
 
 def ask_teacher(t: config.TeacherGenerator, prompts: list[dict], cache: dict[str, dict], logger) -> TeacherStats:
-    """Fill `cache` for every prompt not in it; raise SyntheticError with the URL/param to fix on endpoint errors."""
+    """Fill `cache` for every prompt not in it; raise StageError with the URL/param to fix on endpoint errors."""
     import openai
 
     stats = TeacherStats()
@@ -436,7 +432,7 @@ def ask_teacher(t: config.TeacherGenerator, prompts: list[dict], cache: dict[str
     try:
         served = [m.id for m in client.models.list()]  # one cheap probe: a wrong URL or model fails here, clearly
         if t.model not in served:
-            raise SyntheticError(
+            raise StageError(
                 f"{where} does not serve model {t.model!r} (it serves {served}); fix synthetic.teacher.model"
             )
 
@@ -461,17 +457,17 @@ def ask_teacher(t: config.TeacherGenerator, prompts: list[dict], cache: dict[str
                 cache[key] = entry
                 stats.requests += 1
     except (openai.APIConnectionError, openai.APITimeoutError) as e:
-        raise SyntheticError(
+        raise StageError(
             f"{where} is unreachable ({type(e).__name__}: {e}); start the server or fix "
             f"synthetic.teacher.base_url (timeout synthetic.teacher.timeout_s={t.timeout_s})"
         ) from None
     except openai.AuthenticationError:
-        raise SyntheticError(
+        raise StageError(
             f"{where} rejected the API key; export ${t.api_key_env} (synthetic.teacher.api_key_env)"
         ) from None
     except openai.APIStatusError as e:
         hint = " (synthetic.teacher.base_url usually ends in /v1)" if e.status_code == 404 else ""
-        raise SyntheticError(f"{where} answered HTTP {e.status_code}: {e.message}{hint}") from None
+        raise StageError(f"{where} answered HTTP {e.status_code}: {e.message}{hint}") from None
     logger.info("teacher", requests=stats.requests, cache_hits=stats.cache_hits)
     return stats
 
@@ -526,7 +522,7 @@ def row_reason(c: Candidate, s: config.Synthetic) -> str | None:
         return "too_short"
     if len(c.answer) > s.max_answer_chars:
         return "too_long"
-    if any(text.detect_lang(CODE.sub(" ", x)) != c.lang for x in (c.question, c.answer)):
+    if any(text.detect_lang(x) != c.lang for x in (c.question, c.answer)):  # code spans are left out there
         return "wrong_lang"
     if c.kind == "teacher:docs" and any(f not in c.grounding[0] for f in FLAG.findall(c.answer)):
         return "ungrounded_flag"  # a docs-seeded teacher answer may only name flags its documentation shows
@@ -602,25 +598,19 @@ def main(params_file: str = "params.yaml") -> dict:
     p = config.load(params_file, "synthetic", "preprocess")
     s, paths = p.synthetic, p.paths
     logger = log.get("synthetic")
-    if getattr(s, s.generator) is None:
-        raise SyntheticError(f"synthetic.{s.generator}: section missing (synthetic.generator is {s.generator!r})")
-    if s.min_answer_chars > s.max_answer_chars:
-        raise SyntheticError("synthetic.min_answer_chars must not exceed synthetic.max_answer_chars")
-    if s.generator == "teacher" and not s.teacher.seeds:
-        raise SyntheticError("synthetic.teacher.seeds: list at least one of train, docs")
     from llmops.modeling import load_tokenizer
 
     splits = {}
     for name in ("train", "val", "test"):
         f = Path(paths.processed_dir) / f"{name}.jsonl"
         if not f.exists():
-            raise SyntheticError(f"{f} missing: run `dvc repro preprocess` (or python -m stages.preprocess) first")
+            raise StageError(f"{f} missing: run `dvc repro preprocess` (or python -m stages.preprocess) first")
         splits[name] = io.read_jsonl(f)
     snap_path = Path(paths.docs_snapshot)
     if not snap_path.exists():
-        raise SyntheticError(f"{snap_path} missing: run `dvc repro docs_snapshot` (or python -m stages.docs_snapshot)")
+        raise StageError(f"{snap_path} missing: run `dvc repro docs_snapshot` (or python -m stages.docs_snapshot)")
     snap = json.loads(snap_path.read_text(encoding="utf-8"))
-    cache_path = Path(paths.synthetic_dir) / "teacher_cache.jsonl"
+    cache_path = Path(paths.teacher_cache)
     cache = {e["key"]: e for e in io.read_jsonl(cache_path)} if cache_path.exists() else {}
     stats = TeacherStats()
     if s.generator == "docs":
@@ -641,7 +631,7 @@ def main(params_file: str = "params.yaml") -> dict:
     )
     kinds = Counter(r.pop("_kind") for r in rows)
     rows.sort(key=lambda r: r["id"])
-    io.write_jsonl(Path(paths.synthetic_dir) / "train.jsonl", rows)
+    io.write_jsonl(paths.synthetic_train, rows)
     lengths = np.array([r["n_tokens"] for r in rows] or [0])
     metrics = {
         "generator": s.generator,

@@ -27,13 +27,10 @@ import time
 from pathlib import Path
 
 from llmops import chat, checkpoints, config, hardware, io, log, modeling, packing, stage, tracking
+from llmops.stage import StageError
 
 CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "lr")
 FINAL_FILES = {"metrics.json": "train_metrics", "curve.csv": "train_curve", "speed.json": "train_speed"}
-
-
-class TrainError(stage.StageError):
-    pass
 
 
 def processes() -> tuple[int, bool]:
@@ -56,7 +53,7 @@ def check_target_modules(base_dir: Path, names: tuple[str, ...]) -> None:
     bad = [t for t in names if not any(n == t or n.endswith(f".{t}") for n in modules)]
     if bad:
         have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
-        raise TrainError(
+        raise StageError(
             f"train.target_modules: {bad} match no module of {base_dir} (its linear layers: {', '.join(have)}); "
             "fix the list in params.yaml (a missing comma joins two names into one)"
         )
@@ -70,7 +67,7 @@ def build_model(base_dir: Path, t: config.Train, compute_dtype: str, device_map,
         model = modeling.load_model(base_dir, quantize_4bit=t.method == "qlora", dtype=compute_dtype,
                                     device_map=device_map)  # fmt: skip
     except RuntimeError as e:  # bitsandbytes missing, CUDA asked for on a CPU box
-        raise TrainError(str(e)) from None
+        raise StageError(str(e)) from None
     if t.method == "qlora":  # norms/embeddings to fp32 for stable QLoRA; checkpointing is wired here for k-bit models
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
@@ -88,21 +85,21 @@ def resolve_compute(t: config.Train, world: int) -> tuple[str, object]:
     cuda = torch.cuda.is_available()
     dtype = modeling.resolve_dtype(t.compute_dtype)
     if dtype == "float16" and not cuda:
-        raise TrainError("train.compute_dtype=float16 needs a CUDA GPU; use auto, bfloat16 or float32 on CPU")
+        raise StageError("train.compute_dtype=float16 needs a CUDA GPU; use auto, bfloat16 or float32 on CPU")
     if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-        raise TrainError("train.compute_dtype=bfloat16 but this GPU lacks bf16; use auto or float16")
+        raise StageError("train.compute_dtype=bfloat16 but this GPU lacks bf16; use auto or float16")
     if dtype == "bfloat16" and not cuda and not hardware.cpu_has_native_bf16():
         log.get("train").warning("bf16_emulated", hint="this CPU lacks AVX512-BF16/AMX: compute_dtype auto is faster")
     spec = t.device_map
     if world > 1 and isinstance(spec, dict):
-        raise TrainError("train.device_map as a mapping splits one model over GPUs; it cannot be combined with DDP "
+        raise StageError("train.device_map as a mapping splits one model over GPUs; it cannot be combined with DDP "
                          "(accelerate launch --num_processes > 1); use device_map: auto")  # fmt: skip
     if world > 1 and cuda and spec == "auto":  # DDP: each process holds a full replica on its own GPU
         spec = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
         return dtype, modeling.resolve_device_map(spec)
     except (RuntimeError, ValueError) as e:
-        raise TrainError(str(e)) from None
+        raise StageError(str(e)) from None
 
 
 def training_args(t: config.Train, out: Path, seed: int, compute_dtype: str):
@@ -198,26 +195,19 @@ def main(params_file: str = "params.yaml") -> dict:
     t0 = time.perf_counter()
     p = config.load(params_file, "train", "preprocess")
     t, paths, max_len = p.train, p.paths, p.preprocess.max_seq_len
-    if t.tokens_per_batch < max_len:
-        raise TrainError(f"train.tokens_per_batch={t.tokens_per_batch} < preprocess.max_seq_len={max_len}: "
-                         "a longest example would not fit one micro-batch")  # fmt: skip
-    if t.early_stopping_patience and t.save_every % t.eval_every:
-        raise TrainError("train.early_stopping_patience > 0 restores the best checkpoint, so train.save_every "
-                         f"({t.save_every}) must be a multiple of train.eval_every ({t.eval_every})")  # fmt: skip
     world, rank0 = processes()
     compute_dtype, device_map = resolve_compute(t, world)
     logger, base_dir = log.get("train"), Path(paths.base_dir)
     modeling.require_model_dir(base_dir)
-    files = {name: Path(d) / f"{split}.jsonl" for name, d, split in (
-        ("train", paths.processed_dir, "train"), ("synthetic", paths.synthetic_dir, "train"),
-        ("val", paths.processed_dir, "val"))}  # fmt: skip
+    files = {"train": Path(paths.processed_dir) / "train.jsonl", "synthetic": Path(paths.synthetic_train),
+             "val": Path(paths.processed_dir) / "val.jsonl"}  # fmt: skip
     for f in files.values():
         if not f.exists():
-            raise TrainError(f"{f} missing: run `dvc repro preprocess synthetic` first")
+            raise StageError(f"{f} missing: run `dvc repro preprocess synthetic` first")
     train_rows = io.read_jsonl(files["train"]) + io.read_jsonl(files["synthetic"])
     val_rows = io.read_jsonl(files["val"])
     if not val_rows:
-        raise TrainError(f"{files['val']} is empty: eval needs a val split (preprocess.val_frac > 0)")
+        raise StageError(f"{files['val']} is empty: eval needs a val split (preprocess.val_frac > 0)")
     check_target_modules(base_dir, t.target_modules)
     run_params = {k: v for k, v in config.asdict(t).items() if k != "mlflow_experiment"}  # bookkeeping, not the model
     key = checkpoints.run_key(run_params, p.seed, max_len, base_dir, list(files.values()), world)
@@ -284,7 +274,7 @@ def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list], compute:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (RuntimeError, MemoryError) as e:
         if isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
-            raise TrainError(f"out of memory: lower train.tokens_per_batch ({t.tokens_per_batch}) or "
+            raise StageError(f"out of memory: lower train.tokens_per_batch ({t.tokens_per_batch}) or "
                              f"preprocess.max_seq_len ({max_len}), or set train.gradient_checkpointing: true") from e  # fmt: skip
         raise
     step, history = trainer.state.global_step, list(trainer.state.log_history)  # the curve: what each step logged
@@ -315,7 +305,7 @@ def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list], compute:
         tokenizer.save_pretrained(tmp)
         io.write_json(tmp / "train_provenance.json", {
             "method": t.method, "compute_dtype": compute_dtype, "base_dir": str(base_dir),
-            "base_provenance": json.loads((base_dir / "provenance.json").read_text()),
+            "base_provenance": modeling.read_provenance(base_dir),
             "seed": p.seed, "train": config.asdict(t), "eot_id": eot,
         })  # fmt: skip
         io.write_text(tmp / "curve.csv", curve_csv(history, base_loss))

@@ -107,6 +107,15 @@ def tiny_model_dir(base_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -200,13 +209,10 @@ def mlflow_server(tmp_path):
     """A real `mlflow server` on a free loopback port (sqlite store + artifacts under tmp_path/server); yields
     its URI and always stops the whole process group."""
     import signal
-    import socket
     import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = tmp_path / "server"
     store.mkdir()
     server = subprocess.Popen(

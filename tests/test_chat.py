@@ -54,3 +54,21 @@ def test_double_bos_template_is_rejected(tok):
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(chat.ChatFormatError, match="doubled_bos"):
         chat.encode(DoubleBos(), msgs, chat.end_of_turn_id(tok))
+
+
+def test_assistant_token_loss_of_the_real_model_is_golden(tok, base_model_dir):
+    """The loss every stage reports (train's eval loss, merge's parity, evaluate's perplexity) on the real model, in
+    fp32: a label mask that slipped by one token, took a prompt token or dropped the end of turn moves it far off."""
+    import torch.nn.functional as F
+
+    from llmops import io, modeling
+    from tests.conftest import ROOT
+
+    rows = io.read_jsonl(ROOT / "data/raw/seed_en.jsonl")[:2] + io.read_jsonl(ROOT / "data/raw/seed_ko.jsonl")[:2]
+    enc = [chat.encode(tok, r["messages"], chat.end_of_turn_id(tok)) for r in rows]
+    assert [e.n_trainable for e in enc] == [90, 109, 159, 103]
+    model = modeling.load_model(base_model_dir, quantize_4bit=False, dtype="float32", device_map="cpu").eval()
+    scored = list(modeling.assistant_positions(model, enc, batch_size=2))  # right-padded: row 2 of each batch pads
+    assert [len(t) for _, t in scored] == [90, 109, 159, 103]
+    nll = sum(F.cross_entropy(lg, tg, reduction="sum").item() for lg, tg in scored) / 461
+    assert nll == pytest.approx(3.52859, rel=1e-4)

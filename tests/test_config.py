@@ -103,21 +103,57 @@ def _imports(path) -> set[str]:
     return mods
 
 
-def test_dvc_stages_declare_their_code_and_params():
-    """Every stage lists its own script and each llmops module it imports, and reads only declared params."""
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    for name, stage in dvc["stages"].items():
-        script = ROOT / "stages" / f"{name}.py"
-        assert stage["cmd"].startswith(f"python -m stages.{name}"), name
-        deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
-        assert f"stages/{name}.py" in deps, f"{name}: its own script is not a dep"
-        if script.exists():
-            # llmops.log is exempt: logging never changes an output, so it must not invalidate the cache.
-            for mod in _imports(script) - {"log"}:
-                assert f"llmops/{mod}.py" in deps, f"{name}: imports llmops.{mod} but does not list llmops/{mod}.py"
-        for out in stage.get("outs", []):
-            key = out if isinstance(out, str) else next(iter(out))
-            assert key.startswith("${paths."), f"{name}: out {key} is not declared in params.yaml paths"
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _deps(stage: dict) -> list[str]:
+    return [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+
+
+@pytest.mark.parametrize("name", list(DVC))
+def test_dvc_stage_declares_exactly_the_code_it_runs(name):
+    """Its own script and each llmops module it imports (directly or through another), and no other: a change to
+    metrics code must not retrain, a change to the chat template code must."""
+    stage, script = DVC[name], ROOT / "stages" / f"{name}.py"
+    assert stage["cmd"].startswith(f"python -m stages.{name}"), name
+    deps = _deps(stage)
+    assert f"stages/{name}.py" in deps, f"{name}: its own script is not a dep"
+    # llmops.log is exempt: logging never changes an output, so it must not invalidate the cache.
+    want = {f"llmops/{mod}.py" for mod in _imports(script) - {"log"}}
+    assert {d for d in deps if d.startswith("llmops/")} == want
+    for kind in ("outs", "metrics", "plots"):
+        for out in stage.get(kind, []):
+            key, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            assert key.startswith("${paths."), f"{name}: {key} is not declared in params.yaml paths"
+            assert opts.get("persist") is True, f"{name}: {key} is not persist: a failed run would delete it"
+
+
+def _loaded_sections(script: Path) -> set[str]:
+    """The sections `config.load(params_file, ...)` asks for in a stage."""
+    tree = ast.parse(script.read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "config.load"]
+    consts = {a.value for c in calls for a in c.args[1:] if isinstance(a, ast.Constant)}
+    starred = {a.value.id for c in calls for a in c.args[1:] if isinstance(a, ast.Starred)}
+    for node in ast.walk(tree):  # `config.load(params_file, *SECTIONS)` with a module-level tuple
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) in starred for t in node.targets):
+            consts |= {e.value for e in node.value.elts}
+    return consts
+
+
+@pytest.mark.parametrize("name", list(DVC))
+def test_dvc_stage_declares_exactly_the_params_it_reads(name):
+    """The sections a stage validates are the ones dvc.yaml lists (whole, or key by key); a key-by-key section may
+    only be read at the listed keys."""
+    script = ROOT / "stages" / f"{name}.py"
+    declared = [str(k) for k in DVC[name].get("params", [])]
+    sections = {d.split(".")[0] for d in declared} - {"seed"}
+    assert _loaded_sections(script) == sections, f"{name}: loads {_loaded_sections(script)}, declares {sections}"
+    read = {n.attr for n in ast.walk(ast.parse(script.read_text())) if isinstance(n, ast.Attribute)}
+    for section in sections - set(declared):  # declared key by key
+        listed = {d.split(".")[1] for d in declared if d.startswith(f"{section}.")}
+        fields = set(config.SECTIONS[section].model_fields)
+        other = set().union(*(config.SECTIONS[s].model_fields for s in sections if s != section))
+        assert (read & fields) - other <= listed, f"{name}: reads {section}.{(read & fields) - other - listed}"
 
 
 @pytest.mark.parametrize("override", ["train.lr=0.0003", "evaluate.max_new_tokens=32", "serve.port=9000", "seed=7"])

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ import yaml
 
 from llmops import io
 from serve import launcher
-from tests.conftest import ROOT, make_adapter, write_params, write_processed
+from tests.conftest import ROOT, free_port, make_adapter, write_params, write_processed
 
 DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 # Variables from the developer's shell that would change what a stage does.
@@ -48,12 +47,6 @@ FIX_MERGE = r"(dvc repro merge|python -m stages\.merge|run the merge stage)"
 FIX_RERUN = r"(dvc repro|python -m stages\.\w+|rerun)"
 FIX_REFETCH = r"(re-?download|re-?fetch|replace|dvc pull|dvc repro base)"
 CORRUPT = r"(truncated|corrupt|incomplete|invalid|damaged)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stage_env(**extra: str) -> dict[str, str]:
@@ -140,7 +133,7 @@ def processed(ctx: Ctx) -> None:
 
 def train_inputs(ctx: Ctx) -> None:
     processed(ctx)
-    io.write_jsonl(ctx.path("synthetic_dir") / "train.jsonl", [])
+    io.write_jsonl(ctx.path("synthetic_train"), [])
 
 
 def snapshot_and_processed(ctx: Ctx) -> None:
@@ -288,7 +281,7 @@ def long_train_row(ctx: Ctx) -> None:
     """A well-formed row over preprocess.max_seq_len (e.g. synthetic data made under another limit)."""
     train_inputs(ctx)
     msgs = [{"role": "user", "content": "Explain. " * 600}, {"role": "assistant", "content": "ok " * 10}]
-    io.write_jsonl(ctx.path("synthetic_dir") / "train.jsonl",
+    io.write_jsonl(ctx.path("synthetic_train"),
                    [{"id": "too-long-row", "messages": msgs, "lang": "en", "source": "synthetic:docs", "n_tokens": 0}])  # fmt: skip
 
 

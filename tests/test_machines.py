@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llmops import hardware, io, modeling
+from llmops.stage import StageError
 from stages import evaluate, merge, train
 from tests.test_train import _rows, setup_run
 
@@ -51,5 +52,5 @@ def test_train_merge_evaluate_pass_their_gates_and_a_botched_merge_fails(kind, t
         return model
 
     monkeypatch.setattr(merge, "merge_adapter", botched)
-    with pytest.raises(merge.MergeError, match=r"merged vs unmerged: mean KL .* > merge\.max_kl"):
+    with pytest.raises(StageError, match=r"merged vs unmerged: mean KL .* > merge\.max_kl"):
         merge.main(str(params))

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmops import config, io
+from llmops.stage import StageError
 from stages import merge
 from tests.conftest import ROOT, make_adapter, write_params, write_processed
 
@@ -80,7 +81,7 @@ def test_corrupted_merge_fails_and_keeps_previous_merged_dir(tmp_path, tiny_mode
         return model
 
     monkeypatch.setattr(merge, "merge_adapter", corrupt)
-    with pytest.raises(merge.MergeError, match=r"parity check failed: merged vs unmerged: mean KL .* > merge\.max_kl 0\.01"):
+    with pytest.raises(StageError, match=r"parity check failed: merged vs unmerged: mean KL .* > merge\.max_kl 0\.01"):
         merge.main(str(params))
     assert [f.name for f in out.iterdir()] == ["model.safetensors"]
     assert (out / "model.safetensors").read_text() == "previous good model"
@@ -101,7 +102,7 @@ def test_dequantized_base_matches_what_was_trained(tmp_path, tiny_model_dir, qlo
 def test_wrong_adapter_is_refused_before_any_work(tmp_path, tiny_model_dir):
     adapter = make_adapter(tiny_model_dir, tmp_path / "lora", method="lora")
     params, _ = _params(tmp_path, tiny_model_dir, adapter, **{"merge.base_weights": "dequantized"})
-    with pytest.raises(merge.MergeError, match="dequantized needs a qlora adapter"):
+    with pytest.raises(StageError, match="dequantized needs a qlora adapter"):
         merge.main(str(params))
     prov = json.loads((adapter / "train_provenance.json").read_text())
     prov["base_provenance"]["sha256"] = "something else"

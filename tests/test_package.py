@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmops import io
+from llmops import io, stage
+from llmops.stage import StageError
 from stages import package
 from tests.conftest import ROOT, write_params
 
@@ -102,7 +103,7 @@ def test_missing_metrics_are_null_and_listed(tmp_path, tiny_model_dir):
     ]
     assert all(manifest["metrics"][k] is None for k in manifest["metrics_missing"])
     assert "| train.eval_loss | n/a (missing) |" in (out / "MODEL_CARD.md").read_text()
-    with pytest.raises(package.PackageError, match="'evl.chrf' must look like train.<key> or merge.<key.path>"):
+    with pytest.raises(StageError, match="'evl.chrf' must look like train.<key> or merge.<key.path>"):
         package.headline(("evl.chrf",), {})
 
 
@@ -127,7 +128,7 @@ def test_refuses_unservable_models_and_keeps_previous_package(tmp_path, tiny_mod
     before = (out / "manifest.json").read_bytes()
     broken = _broken_copy(tmp_path, tiny_model_dir, edit)
     params_broken = write_params(tmp_path, {"paths.merged_dir": str(broken), "package.max_model_len": 512}, broken)
-    with pytest.raises(package.PackageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(StageError, match=message.replace("[", r"\[").replace("]", r"\]")):
         package.main(str(params_broken))
     assert (out / "manifest.json").read_bytes() == before  # atomic: the old package is untouched
     assert not list(out.parent.glob(".package.tmp-*"))
@@ -142,4 +143,6 @@ def test_max_model_len_beyond_the_model_is_a_one_line_cli_error(tmp_path, tiny_m
     )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == "package: error: package.max_model_len=4096 > the model's max_position_embeddings=2048"
+    assert last == (
+        "package: error: package.max_model_len=4096 > the model's max_position_embeddings=2048; " + stage.KEPT
+    )

@@ -8,6 +8,7 @@ import pytest
 
 from llmops import chat, config, io
 from llmops.modeling import load_tokenizer
+from llmops.stage import StageError
 from stages import preprocess
 from tests.conftest import write_params
 
@@ -144,7 +145,7 @@ def test_malformed_row_in_each_declared_format(tmp_path, base_model_dir, fmt):
 
 def test_too_many_rejections_fail_the_stage_but_keep_quarantine(tmp_path, base_model_dir):
     rows = [EN, json.dumps({"messages": []}), json.dumps({"x": 1})]
-    with pytest.raises(preprocess.PreprocessError, match=r"2/3 rows rejected .*preprocess.max_rejected_frac=0.05"):
+    with pytest.raises(StageError, match=r"2/3 rows rejected .*preprocess.max_rejected_frac=0.05"):
         _run(tmp_path, base_model_dir, {"f.jsonl": rows}, **{"preprocess.max_rejected_frac": 0.05})
     p = config.load(tmp_path / "params.yaml", "preprocess")
     assert len(io.read_jsonl(p.paths.rejected)) == 2
@@ -155,7 +156,7 @@ def test_missing_source_is_one_clear_error(tmp_path, base_model_dir):
     params = write_params(
         tmp_path, {"preprocess.sources": [{"path": str(tmp_path / "nope.jsonl")}]}, base_dir=base_model_dir
     )
-    with pytest.raises(preprocess.PreprocessError, match="nope.jsonl does not exist"):
+    with pytest.raises(StageError, match="nope.jsonl does not exist"):
         preprocess.main(str(params))
 
 
@@ -243,7 +244,7 @@ def test_a_utf8_bom_costs_no_row(tmp_path, base_model_dir, name):
 def test_invalid_utf8_names_the_file_and_line(tmp_path, base_model_dir, name, data, where):
     """A CP949/latin-1 export used to end in a UnicodeDecodeError naming neither file nor line."""
     (tmp_path / name).write_bytes(data)
-    with pytest.raises(preprocess.PreprocessError, match=where + r"; re-save the file as UTF-8, e\.g\. iconv"):
+    with pytest.raises(StageError, match=where + r"; re-save the file as UTF-8, e\.g\. iconv"):
         preprocess.main(_params(tmp_path, base_model_dir, name))
     assert not (tmp_path / "data").exists()  # nothing written: not even the quarantine
 
@@ -282,7 +283,7 @@ def test_a_source_without_rows_is_an_error(tmp_path, base_model_dir, name, conte
     (tmp_path / name).write_text(content)
     params = _params(tmp_path, base_model_dir, "good.jsonl", name)
     want = rf"^{tmp_path}/{name}: no rows \(an empty file or dataset\); fill it or remove it from preprocess\.sources$"
-    with pytest.raises(preprocess.PreprocessError, match=want):
+    with pytest.raises(StageError, match=want):
         preprocess.main(params)
     assert not (tmp_path / "data").exists()
 
@@ -298,7 +299,7 @@ def test_a_source_whose_rows_all_fail_is_an_error(tmp_path, base_model_dir):
         "keys ['completion', 'prompt'] match none of messages/sharegpt/alpaca); fix the rows or the source's format "
         f"(messages, sharegpt or alpaca) in preprocess.sources, or remove the source; see {tmp_path}/data/rejected.jsonl"
     )
-    with pytest.raises(preprocess.PreprocessError) as e:
+    with pytest.raises(StageError) as e:
         preprocess.main(params)
     assert str(e.value) == want
     p = config.load(params, "preprocess")
@@ -311,7 +312,7 @@ def test_a_datasetdict_folder_without_the_split_names_the_splits(tmp_path, base_
 
     datasets.DatasetDict({"validation": datasets.Dataset.from_list([EN])}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(
-        preprocess.PreprocessError,
+        StageError,
         match=r"dd: no split 'train' in this DatasetDict \(it has validation\); set `split:`",
     ):
         preprocess.main(_params(tmp_path, base_model_dir, "dd"))

@@ -8,12 +8,10 @@ keeping the key out of argv by tests/test_serve.py::test_auth_key_only_in_the_ch
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +23,8 @@ import pytest
 import yaml
 
 from llmops import config, modeling
-from tests.conftest import ROOT, write_params, write_processed
+from llmops.stage import StageError
+from tests.conftest import ROOT, free_port, write_params, write_processed
 
 # Planted values: distinctive, so a hit anywhere is a leak and never a coincidence.
 SECRETS = {
@@ -43,12 +42,6 @@ def env_with(**extra: str) -> dict[str, str]:
     # INFO: the scans must see the stages' real log lines, whatever LOG_LEVEL the developer's shell has.
     return {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "OMP_NUM_THREADS": "1",
             "LOG_LEVEL": "INFO", **extra}  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def leaks(values: dict[str, str], *roots: Path, text: str = "", skip: tuple[str, ...] = (".git",)) -> list[str]:
@@ -79,13 +72,12 @@ def test_params_schema_has_no_field_that_could_hold_a_secret():
         if cls in seen:
             continue
         seen.add(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if _secret_like(f.name) and not f.name.endswith("_env"):
-                bad.append(f"{cls.__name__}.{f.name}")
-            for tp in (hints[f.name], *typing.get_args(hints[f.name])):
+        for name, f in cls.model_fields.items():
+            if _secret_like(name) and not name.endswith("_env"):
+                bad.append(f"{cls.__name__}.{name}")
+            for tp in (f.annotation, *typing.get_args(f.annotation)):
                 for t in (tp, *typing.get_args(tp)):
-                    if dataclasses.is_dataclass(t):
+                    if isinstance(t, type) and issubclass(t, config.Section):
                         todo.append(t)
     assert len(seen) > len(config.SECTIONS)  # nested sections (teacher, docs, sources) were walked too
     assert bad == []
@@ -361,13 +353,12 @@ def test_model_loader_refuses_a_folder_with_only_pytorch_weights(tmp_path, tiny_
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "optimizer.pt", "rng_state.pth", "scaler.pkl",
                                   "last.ckpt", "extra.pickle", "model.joblib"])  # fmt: skip
 def test_package_refuses_pickled_files(tmp_path, tiny_model_dir, name):
-    from stages import package
     from tests.test_package import build_package
 
     merged = tmp_path / "merged"
     shutil.copytree(tiny_model_dir, merged)
     (merged / name).write_bytes(b"\x80\x04K\x01.")
-    with pytest.raises(package.PackageError, match=f"pickled weights \\['{name}'\\] are never packaged"):
+    with pytest.raises(StageError, match=f"pickled weights \\['{name}'\\] are never packaged"):
         build_package(tmp_path, merged)
     assert not (tmp_path / "models/package").exists()
 
@@ -381,8 +372,7 @@ def test_package_cli_refuses_a_pickle_in_one_line(tmp_path, tiny_model_dir):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert (
-        last
-        == f"package: error: {merged}: pickled weights ['pytorch_model.bin'] are never packaged (save with safetensors)"
+    assert last.startswith(
+        f"package: error: {merged}: pickled weights ['pytorch_model.bin'] are never packaged (save with safetensors);"
     )
     assert not (tmp_path / "models/package").exists()

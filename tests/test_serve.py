@@ -8,7 +8,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,7 +19,7 @@ import yaml
 
 from llmops import chat, config, modeling
 from serve import launcher, smoke
-from tests.conftest import ROOT, set_dotted, write_params
+from tests.conftest import ROOT, free_port, set_dotted, write_params
 from tests.test_package import build_package
 
 SECRET = "s3cr3t-key-value-never-shown"
@@ -224,7 +223,7 @@ def test_smoke_reply_checks(built):
 
 
 def test_smoke_against_nothing_fails_in_one_line(built):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     proc = serve_cli("smoke", "--params", str(built[1]), "--wait", "0", VLLM_ENDPOINT=url)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"serve smoke: error: {url}/v1: APIConnectionError")
@@ -238,12 +237,6 @@ def test_smoke_against_nothing_fails_in_one_line(built):
 # ---------------------------------------------------------------------------------------------
 # End to end: package → dvc push → git clone + dvc pull package → vLLM (CPU) → openai client
 # ---------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -322,7 +315,7 @@ def test_publish_pull_and_serve_end_to_end(repo_copy, tiny_model_dir, tmp_path):
     launcher.verify_package(pulled)  # every sha256 and size as built
 
     # --- serve it: one vLLM cold start, auth on, then several checks --------------------------------
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = (tmp_path / "vllm.log").open("w")
     env = clean_env(ENABLE_AUTH="1", API_KEY=SECRET, VLLM_CPU_KVCACHE_SPACE="1")

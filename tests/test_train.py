@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 from llmops import chat, checkpoints, config, io, modeling, packing, text, tracking
 from llmops.stage import StageError
 from stages import train
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, free_port, write_params
 
 FAST = {
     "train.method": "qlora",
@@ -66,12 +65,12 @@ def setup_run(tmp: Path, base_dir: Path, overrides: dict | None = None) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     params = write_params(tmp, {**FAST, **(overrides or {})}, base_dir=base_dir)
     p = config.load(params, "train")
-    processed, synthetic = Path(p.paths.processed_dir), Path(p.paths.synthetic_dir)
+    processed, synthetic = Path(p.paths.processed_dir), Path(p.paths.synthetic_train)
     io.write_jsonl(
         processed / "train.jsonl", _rows("seed_en.jsonl", 0, 16, "seed") + _rows("seed_ko.jsonl", 0, 8, "seed")
     )
     io.write_jsonl(processed / "val.jsonl", _rows("seed_en.jsonl", 100, 6, "seed"))
-    io.write_jsonl(synthetic / "train.jsonl", _rows("seed_en.jsonl", 50, 8, "synthetic:docs"))
+    io.write_jsonl(synthetic, _rows("seed_en.jsonl", 50, 8, "synthetic:docs"))
     return params
 
 
@@ -238,7 +237,7 @@ def test_metrics_and_curve_are_exact(trained, tiny_model_dir):
     assert set(speed) == {"tokens_per_s", "train_wall_s", "stage_wall_s"}  # the run-to-run part, on its own
     assert {**on_disk, **speed} == pytest.approx(metrics)
     tok = modeling.load_tokenizer(tiny_model_dir)
-    rows = io.read_jsonl(f"{p.paths.processed_dir}/train.jsonl") + io.read_jsonl(f"{p.paths.synthetic_dir}/train.jsonl")
+    rows = io.read_jsonl(f"{p.paths.processed_dir}/train.jsonl") + io.read_jsonl(p.paths.synthetic_train)
     ex = packing.encode_rows(rows, tok, 2, 768)
     n = len(packing.make_batches(ex, 1024, True, p.seed))  # one epoch = one optimizer step per batch
     assert metrics["steps"] == n and n >= 6 and metrics["epochs"] == 1.0 and metrics["resumed_from_step"] == 0
@@ -259,6 +258,21 @@ def test_metrics_and_curve_are_exact(trained, tiny_model_dir):
     assert lrs[warm] == pytest.approx(5e-3) and all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1 :], strict=False))
 
 
+def test_trainer_loss_is_the_assistant_token_loss(trained, tiny_model_dir):
+    """The Trainer's eval loss on the packed val batches equals the token-weighted assistant-token NLL the other
+    stages compute row by row (modeling.assistant_positions): same labels, same shift, same mean."""
+    import torch.nn.functional as F
+
+    params, metrics = trained
+    p = config.load(params, "train", "preprocess")
+    tok = modeling.load_tokenizer(tiny_model_dir)
+    enc = [chat.encode(tok, r["messages"], 2) for r in io.read_jsonl(Path(p.paths.processed_dir) / "val.jsonl")]
+    model = modeling.load_model(tiny_model_dir, quantize_4bit=True, dtype=metrics["compute_dtype"], device_map="cpu")
+    scored = list(modeling.assistant_positions(model.eval(), enc))
+    nll = sum(F.cross_entropy(lg, tg, reduction="sum").item() for lg, tg in scored) / sum(len(t) for _, t in scored)
+    assert metrics["base_eval_loss"] == pytest.approx(nll, rel=1e-5)
+
+
 def test_mlflow_default_store_gets_run_params_metrics_and_tags(trained):
     from mlflow.tracking import MlflowClient
 
@@ -270,7 +284,8 @@ def test_mlflow_default_store_gets_run_params_metrics_and_tags(trained):
     assert run.info.status == "FINISHED"
     assert run.data.params["lr"] == str(p.train.lr) and run.data.params["method"] == "qlora"
     assert run.data.tags["dvc_exp_name"] == "exp-tiny"
-    assert run.data.tags.get("git_rev", "x" * 40).__len__() == 40
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_rev"] == head  # the revision the run came from, so MLflow and git agree
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, metrics["steps"] + 1))
     assert run.data.metrics["final_eval_loss"] == pytest.approx(metrics["eval_loss"])
 
@@ -406,25 +421,6 @@ def test_out_of_memory_gets_a_hint(tmp_path, tiny_model_dir, monkeypatch):
         train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.method": "lora"})))
 
 
-def test_cli_prints_one_line(tmp_path, tiny_model_dir):
-    params = setup_run(tmp_path, tiny_model_dir, {"train.compute_dtype": "float16"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.train", "--params", str(params)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("train: error: train.compute_dtype=float16 needs a CUDA")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_relative_mlflow_store_lands_in_the_main_repo_even_from_a_queue_worker(tmp_path, monkeypatch):
     paths = config.load(write_params(tmp_path, {"paths.mlflow_uri": "sqlite:///mlflow.db"}), "train").paths
     repo = tmp_path / "repo"
@@ -439,7 +435,7 @@ def test_explicit_unreachable_mlflow_fails_before_training_and_deletes_nothing(t
     earlier = train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 1})))  # a finished run
     root = Path(_paths(setup_run(tmp_path, tiny_model_dir)).checkpoint_dir)
     before = {d.name: _tree_hashes(d) for d in root.iterdir()}
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     params = setup_run(tmp_path, tiny_model_dir)  # another run key (4 steps)
     t0 = time.monotonic()
     with pytest.raises(StageError, match="MLFLOW_TRACKING_URI=http://127.0.0.1:.* is unreachable"):
