@@ -507,7 +507,8 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    env = clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # dvc.yaml says `python`
+    # dvc.yaml says `python`: the venv's, first on PATH; no usage analytics from throwaway repositories
+    env = clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -534,6 +535,30 @@ def servable_tiny(tiny: Path, out: Path, stop_word: str) -> int:
     return stop_id
 
 
+def publish_package(repo: Path, model: Path, remote: Path, max_model_len: int = 512, shared: bool = False) -> dict:
+    """In a `repo_copy`: `model` stands in for the base and merge stages' outputs; record base in dvc.lock,
+    `dvc repro package`, `dvc push` to `remote` (a temp folder, never ~/dvc-storage), git commit. `shared` writes
+    the remote into the committed .dvc/config (a team's shared remote), else .dvc/config.local. Returns the manifest."""
+    for out in ("models/base", "models/merged"):
+        if not (repo / out).exists():
+            shutil.copytree(model, repo / out)
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/train.json").write_text(json.dumps({"train_loss": 1.0, "eval_loss": 1.1}))
+    (repo / "metrics/eval.json").write_text(json.dumps({"tuned": {"chrf": 30.0}}))
+    (repo / "metrics/merge.json").write_text(json.dumps({"vs_unmerged": {"max_logit_abs_diff": 0.0, "mean_kl": 0.0}}))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    set_dotted(params, "package.max_model_len", max_model_len)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    dvc(repo, "remote", "modify", *([] if shared else ["--local"]), "storage", "url", str(remote))
+    assert str(remote) in dvc(repo, "remote", "list")  # never the developer's ~/dvc-storage
+    dvc(repo, "commit", "--force", "base")
+    dvc(repo, "repro", "--single-item", "package")
+    dvc(repo, "push")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", f"package (max_model_len {max_model_len})")
+    return json.loads((repo / "models/package/manifest.json").read_text())
+
+
 def _tokenize(endpoint: str, messages: list[dict], model: str) -> list[int]:
     body = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}).encode()
     req = urllib.request.Request(
@@ -547,25 +572,7 @@ def _tokenize(endpoint: str, messages: list[dict], model: str) -> list[int]:
 def test_publish_pull_and_serve_end_to_end(repo_copy, tiny_model_dir, tmp_path):
     repo, remote, clone = repo_copy, tmp_path / "remote", tmp_path / "clone"
     stop_id = servable_tiny(tiny_model_dir, tmp_path / "tiny32", " the")
-    for out in ("models/base", "models/merged"):  # stand-ins for the base and merge stages' outputs
-        shutil.copytree(tmp_path / "tiny32", repo / out)
-    (repo / "metrics").mkdir(exist_ok=True)
-    (repo / "metrics/train.json").write_text(json.dumps({"train_loss": 1.0, "eval_loss": 1.1}))
-    (repo / "metrics/eval.json").write_text(json.dumps({"tuned": {"chrf": 30.0}}))
-    (repo / "metrics/merge.json").write_text(json.dumps({"vs_unmerged": {"max_logit_abs_diff": 0.0, "mean_kl": 0.0}}))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    set_dotted(params, "package.max_model_len", 512)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
-
-    # --- publish: record base in dvc.lock, build the package, push both to a temp remote -----------
-    dvc(repo, "remote", "modify", "--local", "storage", "url", str(remote))
-    assert str(remote) in dvc(repo, "remote", "list")  # never the developer's ~/dvc-storage
-    dvc(repo, "commit", "--force", "base")
-    dvc(repo, "repro", "--single-item", "package")
-    dvc(repo, "push")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "package")
-    manifest = json.loads((repo / "models/package/manifest.json").read_text())
+    manifest = publish_package(repo, tmp_path / "tiny32", remote)  # base objects + the package, pushed
     remote_objects = [f for f in remote.rglob("*") if f.is_file()]
     assert len(remote_objects) > len(manifest["files"]) + 2  # base objects are in the remote too
 
