@@ -245,9 +245,9 @@ def render_probe(source: str, tokens: Mapping[str, str], messages=PROBE) -> str:
 def check_chat_template(template: Path, fix: str) -> str:
     """Render the probe once so a template vLLM cannot apply stops the launch, not every request (HTTP 400).
     Returns the rendered probe."""
-    source = template.read_text(encoding="utf-8")
     tokens = special_tokens(template.parent)
     try:
+        source = template.read_text(encoding="utf-8")
         try:
             text = render_probe(source, tokens)
         except _Refused:
