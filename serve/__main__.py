@@ -4,16 +4,20 @@
                     [--tensor-parallel-size N] [--gpu-memory-utilization F] [--device cpu|cuda]
                     [--adapter DIR] [--dry-run] [--params params.yaml] [-- EXTRA VLLM ARGS]
     python -m serve smoke [--endpoint URL] [--model NAME] [--max-tokens N] [--temperature T] [--allow-length]
-                          [--wait S] [--params params.yaml]
+                          [--wait S] [--package DIR] [--params params.yaml]
 
-Launch: verifies every file of the package (default `paths.package_dir`) against its manifest.json and refuses
-to start on a missing, unlisted or changed file; then replaces itself with vLLM's OpenAI-compatible server.
+Launch: verifies every file of the package (default `paths.package_dir`) against its manifest.json, and the
+manifest against the md5 dvc.lock (beside params.yaml) records for that folder, refusing to start on a missing,
+unlisted or changed file; renders the chat template once; then replaces itself with vLLM's OpenAI-compatible
+server. Without a params.yaml (a bare `dvc artifacts get` download) `--package` is required, the manifest is the
+root of trust and settings come from env/flags, launcher.DEFAULT_SERVE and the manifest.
 `--adapter DIR` serves the base (`paths.base_dir`, checked against its provenance.json) + a LoRA adapter
 without merging. `--dry-run` prints the command (API key masked) and exits.
 Precedence: flag > env (HOST, PORT, MAX_MODEL_LEN, SERVED_MODEL_NAME, TENSOR_PARALLEL_SIZE,
 GPU_MEMORY_UTILIZATION, VLLM_CPU_KVCACHE_SPACE, ENABLE_AUTH + the key in $API_KEY) > params `serve:` > manifest.
 Smoke: endpoint from --endpoint, else VLLM_ENDPOINT, else http://serve.host:serve.port; waits for /health up to
-serve.health_timeout_s (--wait), sends one chat request, exits 1 with a one-line reason on any failure.
+serve.health_timeout_s (--wait), logging what it waits on; sends one chat request, exits 1 with a one-line reason
+on any failure.
 """
 
 from __future__ import annotations
@@ -27,11 +31,28 @@ from pathlib import Path
 from llmops import config, log
 from serve import launcher, smoke
 
+PARAMS = "params.yaml"
+
+
+def load_params(given: str | None) -> config.Params | None:
+    """params.yaml's `package`/`serve` sections; None when --params was not given and there is no params.yaml
+    here (a serving box holding only a downloaded package)."""
+    if given is None and not Path(PARAMS).exists():
+        return None
+    return config.load(given or PARAMS, "package", "serve")
+
+
+def read_manifest(pkg: Path | None) -> dict:
+    try:
+        return json.loads((pkg / launcher.MANIFEST).read_text(encoding="utf-8")) if pkg else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
 
 def launch_main(argv: list[str]) -> None:
     argv, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(prog="python -m serve", description="Verify the package, then start vLLM on it.")
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", help=f"default: {PARAMS} if present, else built-in serve defaults + the manifest")
     ap.add_argument("--package", type=Path, help="package folder (default: paths.package_dir)")
     ap.add_argument("--adapter", type=Path, help="serve paths.base_dir + this LoRA adapter, unmerged")
     ap.add_argument("--host")
@@ -43,7 +64,12 @@ def launch_main(argv: list[str]) -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), help="vLLM build (default: serve.device)")
     ap.add_argument("--dry-run", action="store_true", help="print the command (key masked) and exit")
     args = ap.parse_args(argv)
-    p = config.load(args.params, "package", "serve")
+    p = load_params(args.params)
+    if p is None and (args.adapter or not args.package):
+        raise launcher.LaunchError(
+            f"no {PARAMS} here: pass --package DIR (e.g. a `dvc artifacts get` download) or --params FILE"
+            + (" (--adapter needs its paths.base_dir)" if args.adapter else "")
+        )
     logger = log.get("serve")
     if args.adapter:
         model_dir = Path(p.paths.base_dir).absolute()
@@ -52,17 +78,25 @@ def launch_main(argv: list[str]) -> None:
             "serving": {"served_model_name": p.package.served_model_name, "max_model_len": p.package.max_model_len}
         }
         logger.info("verified", model=str(model_dir), files=n, adapter=str(args.adapter))
+        fix = "fix the template the adapter was trained with and retrain (`dvc repro train`)"
     else:
         model_dir = (args.package or Path(p.paths.package_dir)).absolute()  # vLLM must not read it as a Hub id
-        manifest = launcher.verify_package(model_dir)
+        # the dvc.lock of the repository whose params.yaml we read, if it records this very folder
+        locked = launcher.locked_out(Path(args.params or PARAMS).parent / "dvc.lock", model_dir) if p else None
+        manifest = launcher.verify_package(model_dir, locked)
         logger.info(
             "verified",
             package=str(model_dir),
             files=len(manifest["files"]),
             params_digest=manifest.get("params_digest"),
+            # without a dvc.lock that records this folder, whoever can write the folder can rewrite the manifest
+            root_of_trust=locked.where if locked else "manifest.json (no dvc.lock records this folder)",
         )
+        fix = "fix the template the model is built with and rebuild the package (`dvc repro package`)"
     adapter = args.adapter.absolute() if args.adapter else None
-    st = launcher.resolve(p, manifest, model_dir, {**vars(args), "extra_args": extra}, os.environ, adapter=adapter)
+    serve_params = p.serve if p else launcher.DEFAULT_SERVE
+    st = launcher.resolve(serve_params, manifest, model_dir, {**vars(args), "extra_args": extra}, os.environ, adapter)
+    launcher.check_chat_template(st.chat_template, fix)
     cmd, env = launcher.build_command(st, os.environ)
     logger.info("start", command=launcher.describe(cmd, env), auth=bool(st.api_key), device=st.device)
     if args.dry_run:
@@ -75,9 +109,9 @@ def smoke_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m serve smoke", description="Check a live endpoint with one chat request."
     )
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", help=f"default: {PARAMS} if present, else built-in serve defaults")
     ap.add_argument("--endpoint", help="base URL (default: VLLM_ENDPOINT, else http://serve.host:serve.port)")
-    ap.add_argument("--model", help="model name (default: the first the endpoint serves)")
+    ap.add_argument("--model", help="model name (default: the package's, else the first the endpoint serves)")
     ap.add_argument(
         "--package", type=Path, help="package whose template markers to look for (default: paths.package_dir)"
     )
@@ -87,21 +121,28 @@ def smoke_main(argv: list[str]) -> None:
     ap.add_argument("--allow-length", action="store_true", help="accept finish_reason 'length' (untuned/tiny models)")
     ap.add_argument("--wait", type=float, help="seconds to wait for /health first (default: serve.health_timeout_s)")
     args = ap.parse_args(argv)
-    p = config.load(args.params, "package", "serve")
-    s = p.serve
+    p = load_params(args.params)
+    s = p.serve if p else launcher.DEFAULT_SERVE
     endpoint = args.endpoint or os.environ.get("VLLM_ENDPOINT") or f"http://{s.host}:{s.port}"
     wait = s.health_timeout_s if args.wait is None else args.wait
     if wait > 0:  # right after a deploy the server may still be loading
-        smoke.wait_healthy(endpoint, wait)
-    package = args.package or Path(p.paths.package_dir)
+        logger = log.get("serve")
+
+        def report(url: str, reason: str, waited: float) -> None:
+            logger.info("waiting", url=url, reason=reason, waited_s=round(waited), timeout_s=wait)
+
+        smoke.wait_healthy(endpoint, wait, report=report)
+    package = args.package or (Path(p.paths.package_dir) if p else None)
+    package = package if package and package.is_dir() else None
+    prefer = p.package.served_model_name if p else read_manifest(package).get("serving", {}).get("served_model_name")
     result = smoke.run(
         endpoint,
         api_key=launcher.api_key(s, os.environ),  # only when auth is on: then a wrong key must get 401
         model=args.model,
-        prefer=p.package.served_model_name,
+        prefer=prefer,
         prompt=args.prompt or s.smoke_prompt,
         max_tokens=args.max_tokens or s.smoke_max_tokens,
-        markers=smoke.template_markers(package if package.is_dir() else None),
+        markers=smoke.template_markers(package),
         allowed=("stop", "length") if args.allow_length else ("stop",),
         temperature=args.temperature,
     )

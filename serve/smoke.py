@@ -13,8 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import openai
-
 # Markers of the common chat templates (ChatML, Llama 3, Mistral, Gemma, Phi): never part of a reply's text.
 TEMPLATE_MARKERS = tuple(
     "<|im_start|> <|im_end|> <|eot_id|> <|start_header_id|> <|end_header_id|> <|begin_of_text|> <|end_of_text|> "
@@ -32,20 +30,46 @@ def api_base(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/v1") else endpoint + "/v1"
 
 
-def wait_healthy(endpoint: str, timeout_s: float, alive=lambda: True) -> float:
-    """Poll `/health` (never behind auth) until 200; return seconds waited. `alive()` false = server died."""
+def _why(e: BaseException, request_timeout_s: float) -> str:
+    """What a failed /health poll says: connection refused, an HTTP status, a timeout, ..."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code}"
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError since 3.10
+        return f"no answer within {request_timeout_s:g} s"
+    return f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
+
+
+def wait_healthy(
+    endpoint: str,
+    timeout_s: float,
+    alive=lambda: True,
+    report=None,
+    every_s: float = 10.0,
+    request_timeout_s: float = 5.0,
+) -> float:
+    """Poll `/health` (never behind auth) until 200; return seconds waited. `alive()` false = server died.
+    `report(url, reason, waited_s)` hears why it is still waiting: at the first failure, when the reason changes
+    (refused → HTTP 503 while loading) and every `every_s` seconds."""
     url = api_base(endpoint)[: -len("/v1")] + "/health"
     start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
+    last, last_at = None, 0.0
+    while (waited := time.monotonic() - start) < timeout_s:
         if not alive():
             raise SmokeError(f"{url}: the server exited before becoming healthy")
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            with urllib.request.urlopen(url, timeout=request_timeout_s) as r:
                 if r.status == 200:
                     return time.monotonic() - start
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(2)
+                why = f"HTTP {r.status}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            why = _why(e, request_timeout_s)
+        if report and (why != last or waited - last_at >= every_s):
+            report(url, why, waited)
+            last, last_at = why, waited
+        time.sleep(min(2.0, max(0.0, timeout_s - (time.monotonic() - start))))
     raise SmokeError(f"{url}: not healthy after {timeout_s:.0f} s")
 
 
@@ -70,6 +94,8 @@ def check_reply(text: str | None, finish_reason: str, markers: tuple[str, ...], 
 
 def check_auth_refused(base_url: str) -> None:
     """A wrong key must get 401; anything else means the endpoint is open."""
+    import openai  # here, not at the top: `python -m serve` (launch) must not pay its ~1 s import
+
     try:
         openai.OpenAI(base_url=base_url, api_key="wrong-key-smoke-check", max_retries=0).models.list()
     except openai.AuthenticationError:
@@ -91,6 +117,8 @@ def run(
     timeout_s: float = 120.0,
 ) -> dict:
     """Send one chat request and check it; return a summary dict or raise SmokeError."""
+    import openai
+
     base = api_base(endpoint)
     client = openai.OpenAI(base_url=base, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=1)
     try:

@@ -3,6 +3,8 @@ settings, and (slow) the whole publish → pull → serve path on a fresh clone 
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
 import shlex
@@ -10,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -45,10 +48,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def serve_cli(*args: str, cwd: Path = ROOT, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`python -m serve ...` in `cwd`; the code comes from the repository (PYTHONPATH), as from an installed image."""
     return subprocess.run(
         [sys.executable, "-m", "serve", *args],
         cwd=cwd,
-        env=clean_env(**env),
+        env=clean_env(PYTHONPATH=str(ROOT), **env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -109,6 +113,190 @@ def test_tampered_weights_refuse_to_launch(built, pkg_copy):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"serve: error: {pkg_copy / 'model.safetensors'}: sha256 ")
 
 
+def _rewrite(pkg: Path, name: str, data: bytes) -> None:
+    """Change a package file and update manifest.json to match: only dvc.lock can catch this."""
+    (pkg / name).write_bytes(data)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (pkg / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest itself: covered by the md5 dvc.lock records for the package folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _tree_md5_by_dvc(md5s: dict[str, str]) -> str:
+    """DVC's own code (dvc_data's Tree) for the md5 of a folder listing."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
+    tree = Tree()
+    for rel, md5 in md5s.items():
+        tree.add(tuple(rel.split("/")), Meta(), HashInfo("md5", md5))
+    tree.digest()
+    return tree.hash_info.value
+
+
+def test_dvc_dir_md5_is_dvc_s_tree_hash():
+    md5s = {  # order traps: "a.b" < "a/b" as strings, uppercase before lowercase, non-ASCII escaped in the JSON
+        "a/b": "0" * 32,
+        "a.b": "1" * 32,
+        "Model.safetensors": "2" * 32,
+        "model.safetensors": "3" * 32,
+        "한국어.txt": "4" * 32,
+    }
+    assert launcher.dvc_dir_md5(md5s) == _tree_md5_by_dvc(md5s)
+    # golden: the md5 `dvc commit` recorded for a folder holding a = "a\n" and sub/b = "b\n"
+    got = launcher.dvc_dir_md5({"a": hashlib.md5(b"a\n").hexdigest(), "sub/b": hashlib.md5(b"b\n").hexdigest()})
+    assert got == GOLDEN_DIR_MD5
+
+
+GOLDEN_DIR_MD5 = "8b3662b0d460701f7734cdf533c5aa85.dir"
+
+
+def test_file_digests_reads_once_and_match_hashlib(tmp_path):
+    f = tmp_path / "blob"
+    data = os.urandom(3 * (1 << 20) + 17)  # several read chunks and a tail
+    f.write_bytes(data)
+    assert launcher.file_digests(f) == (hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
+
+
+def _locked_repo(tmp_path: Path, built) -> tuple[Path, Path]:
+    """A params.yaml + dvc.lock (recording the package folder as DVC would) + the package, in tmp_path."""
+    pkg = tmp_path / "models" / "package"
+    shutil.copytree(built[0], pkg)
+    params = tmp_path / "params.yaml"
+    shutil.copy(built[1], params)
+    md5s = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in pkg.iterdir()}
+    out = {"path": "models/package", "hash": "md5", "md5": launcher.dvc_dir_md5(md5s), "nfiles": len(md5s)}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"package": {"outs": [out]}}}))
+    return params, pkg
+
+
+def test_package_and_manifest_rewritten_together_refuse_when_dvc_lock_records_the_folder(tmp_path, built):
+    params, pkg = _locked_repo(tmp_path, built)
+    proc = serve_cli("--params", str(params), "--package", str(pkg), "--dry-run", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert '"root_of_trust": "' + str(tmp_path / "dvc.lock") + " (stage package, out models/package)" in proc.stderr
+
+    _rewrite(pkg, "tokenizer_config.json", b'{"chat_template": "evil"}')  # every sha256 now matches the manifest
+    launcher.verify_package(pkg)  # the manifest alone can't tell
+    line = _error_line(serve_cli("--params", str(params), "--package", str(pkg), "--dry-run", "--device", "cpu"))
+    assert line.startswith(f"serve: error: {pkg}: DVC md5 ") and f"recorded in {tmp_path / 'dvc.lock'}" in line
+    assert "dvc pull package" in line
+
+    # a package elsewhere (not the folder dvc.lock records): the manifest is the root of trust, and the log says so
+    other = tmp_path / "elsewhere"
+    shutil.copytree(built[0], other)
+    proc = serve_cli("--params", str(params), "--package", str(other), "--dry-run", "--device", "cpu")
+    assert proc.returncode == 0 and '"root_of_trust": "manifest.json (no dvc.lock records this folder)"' in proc.stderr
+
+
+def test_dvc_lock_without_a_dvc3_folder_md5_is_refused(tmp_path, built):
+    params, pkg = _locked_repo(tmp_path, built)
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    del lock["stages"]["package"]["outs"][0]["hash"]  # how DVC 2 wrote it (md5-dos2unix)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    line = _error_line(serve_cli("--params", str(params), "--package", str(pkg), "--dry-run", "--device", "cpu"))
+    assert line.startswith(f"serve: error: {tmp_path / 'dvc.lock'} (stage package, out models/package): records no")
+    assert "`dvc commit package`" in line
+
+
+def test_dvc_dir_md5_matches_a_real_dvc_commit(tmp_path, built):
+    """`dvc commit` records the folder's md5 in dvc.lock; ours must be the same, or every launch would refuse."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    dvc(repo, "init", "-q")
+    shutil.copytree(built[0], repo / "pkg")
+    (repo / "d" / "sub").mkdir(parents=True)
+    (repo / "d" / "a").write_text("a\n")
+    (repo / "d" / "sub" / "b").write_text("b\n")
+    stages = {name: {"cmd": "true", "outs": [name]} for name in ("pkg", "d")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    dvc(repo, "commit", "--force")
+    lock = repo / "dvc.lock"
+    locked = launcher.locked_out(lock, repo / "pkg")
+    assert locked is not None and locked.where == f"{lock} (stage pkg, out pkg)"
+    launcher.verify_package(repo / "pkg", locked)  # the whole chain holds for what DVC recorded
+    md5s = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in (repo / "pkg").iterdir()}
+    assert launcher.dvc_dir_md5(md5s) == locked.md5
+    assert launcher.locked_out(lock, repo / "d").md5 == GOLDEN_DIR_MD5
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat template renders before vLLM starts (vLLM itself only finds out per request: HTTP 400)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template, expect",
+    [
+        ("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}", "does not render (line 2: TemplateSyntaxError: "),
+        ("{% for m in messages %}\n\n{{ m['content'] + 1 }}{% endfor %}", "does not render (line 3: TypeError: "),
+        ("{{ bos_token + messages[0]['content'] }}\n{{ no_such_function() }}", "does not render (line 2: Undefined"),
+        ("{{ raise_exception('no chat here') }}", "refuses a user/assistant conversation (line 1: "),
+        ("{% if false %}x{% endif %}\n", "renders an empty prompt"),
+    ],
+)
+def test_broken_chat_template_refuses_to_launch(built, pkg_copy, template, expect):
+    _rewrite(pkg_copy, "chat_template.jinja", template.encode())  # manifest updated to match: integrity passes
+    launcher.verify_package(pkg_copy)
+    line = _error_line(serve_cli("--params", str(built[1]), "--package", str(pkg_copy), "--dry-run", timeout=60))
+    assert line.startswith(f"serve: error: {pkg_copy / 'chat_template.jinja'}: chat template {expect}"), line
+    assert line.endswith("rebuild the package (`dvc repro package`)")
+
+
+# Uses what transformers' template environment adds: loopcontrols, its own tojson (no HTML escaping, non-ASCII
+# kept), raise_exception, the generation block and the special tokens; refuses system turns like Gemma's.
+FEATURE_TEMPLATE = """{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}
+{% for m in messages %}{% if loop.index > 5 %}{% break %}{% endif %}{% if m['role'] == 'assistant' %}
+{% generation %}{{ m['content'] | tojson }}{% endgeneration %}{{ eos_token }}
+{% else %}{{ {'role': m['role'], 'text': m['content'] + ' <한국어> & "q"'} | tojson(indent=1) }}
+{% endif %}{% if loop.last %}{% continue %}{% endif %}|{% endfor %}
+{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"""
+
+
+def test_probe_renders_exactly_as_transformers_does(built, pkg_copy):
+    from transformers import AutoTokenizer
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    pkg = built[0]
+    tok = AutoTokenizer.from_pretrained(pkg)
+    tokens = launcher.special_tokens(pkg)
+    assert tokens == tok.special_tokens_map  # what transformers passes to every template
+    real = (pkg / "chat_template.jinja").read_text()
+    assert launcher.render_probe(real, tokens) == tok.apply_chat_template(
+        list(launcher.PROBE), tokenize=False, add_generation_prompt=True
+    )
+    for messages in (launcher.PROBE[1:], launcher.PROBE[1:] * 3):
+        ours = launcher.render_probe(FEATURE_TEMPLATE, tokens, messages)
+        [[theirs], _] = render_jinja_template([list(messages)], chat_template=FEATURE_TEMPLATE,
+                                              add_generation_prompt=True, **tokens)  # fmt: skip
+        assert ours == theirs and '<한국어> & \\"q\\"' in ours and ours.startswith("<|im_start|>")
+    (pkg_copy / "chat_template.jinja").write_text(FEATURE_TEMPLATE)
+    rendered = launcher.check_chat_template(pkg_copy / "chat_template.jinja", "fix")
+    assert "You are a probe." not in rendered and "Probe follow-up?" in rendered  # retried without the system turn
+
+
+def test_launcher_imports_neither_torch_nor_transformers_nor_openai(built):
+    code = (
+        "import sys; from serve.__main__ import main; "
+        f"main(['--params', {str(built[1])!r}, '--package', {str(built[0])!r}, '--dry-run']); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'vllm', 'openai'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ---------------------------------------------------------------------------------------------
 # The command vLLM gets
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +337,35 @@ def test_dry_run_prints_the_exact_command_with_the_key_masked(built):
     assert "--api-key" not in argv
 
 
+def test_bare_download_serves_without_params_yaml(built, tmp_path):
+    """A serving box with only `dvc artifacts get`'s folder: no params.yaml, no dvc.lock, no repository."""
+    box = tmp_path / "box"
+    shutil.copytree(built[0], box / "smollm2-mlops")
+    proc = serve_cli("--package", "smollm2-mlops", "--dry-run", "--device", "cpu", cwd=box)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)[1:]
+    assert _opt(argv, "--model") == str(box / "smollm2-mlops")  # absolute: vLLM must not take it for a Hub id
+    assert (_opt(argv, "--served-model-name"), _opt(argv, "--max-model-len")) == ("smollm2-mlops", "512")  # manifest
+    assert (_opt(argv, "--host"), _opt(argv, "--port")) == ("127.0.0.1", "8000")  # DEFAULT_SERVE
+    assert proc.stdout.startswith("VLLM_CPU_KVCACHE_SPACE=2 ")
+    assert '"root_of_trust": "manifest.json (no dvc.lock records this folder)"' in proc.stderr
+    proc = serve_cli("--package", "smollm2-mlops", "--dry-run", "--port", "9001", cwd=box, ENABLE_AUTH="1")
+    assert (
+        _error_line(proc)
+        == "serve: error: auth is on (serve.enable_auth / ENABLE_AUTH) but $API_KEY is empty; export it"
+    )
+    assert _error_line(serve_cli("--dry-run", cwd=box)) == (
+        "serve: error: no params.yaml here: pass --package DIR (e.g. a `dvc artifacts get` download) or --params FILE"
+    )
+    url = f"http://127.0.0.1:{_free_port()}"  # smoke needs no params.yaml either
+    proc = serve_cli("smoke", "--endpoint", url, "--package", "smollm2-mlops", "--wait", "0", cwd=box)
+    assert _error_line(proc).startswith(f"serve smoke: error: {url}/v1: APIConnectionError")
+
+
+def test_default_serve_settings_are_the_repository_s_params():
+    assert config.asdict(launcher.DEFAULT_SERVE) == config.asdict(config.load(ROOT / "params.yaml", "serve").serve)
+
+
 @pytest.fixture
 def params_and_manifest(built):
     pkg, params_file = built
@@ -158,33 +375,33 @@ def params_and_manifest(built):
 def test_precedence_flag_over_env_over_params_over_manifest(params_and_manifest):
     p, manifest, pkg = params_and_manifest
     env = {"MAX_MODEL_LEN": "256", "TENSOR_PARALLEL_SIZE": "2", "SERVED_MODEL_NAME": "from-env"}
-    st = launcher.resolve(p, manifest, pkg, {"device": "cuda"}, env)
+    st = launcher.resolve(p.serve, manifest, pkg, {"device": "cuda"}, env)
     argv, child = launcher.build_command(st, env)
     assert (_opt(argv, "--max-model-len"), _opt(argv, "--tensor-parallel-size")) == ("256", "2")
     assert _opt(argv, "--served-model-name") == "from-env"
     assert _opt(argv, "--gpu-memory-utilization") == "0.9" and "VLLM_CPU_KVCACHE_SPACE" not in child
-    st = launcher.resolve(p, manifest, pkg, {"device": "cpu", "max_model_len": 128}, env)
+    st = launcher.resolve(p.serve, manifest, pkg, {"device": "cpu", "max_model_len": 128}, env)
     argv, child = launcher.build_command(st, env)
     assert _opt(argv, "--max-model-len") == "128" and child["VLLM_CPU_KVCACHE_SPACE"] == "2"  # params value
     assert "--gpu-memory-utilization" not in argv
     with pytest.raises(launcher.LaunchError, match=r"MAX_MODEL_LEN='lots': expected an integer"):
-        launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"MAX_MODEL_LEN": "lots"})
+        launcher.resolve(p.serve, manifest, pkg, {"device": "cpu"}, {"MAX_MODEL_LEN": "lots"})
 
 
 def test_auth_key_only_in_the_child_env(params_and_manifest):
     p, manifest, pkg = params_and_manifest
     env = {"ENABLE_AUTH": "true", "API_KEY": SECRET}
-    st = launcher.resolve(p, manifest, pkg, {"device": "cpu"}, env)
+    st = launcher.resolve(p.serve, manifest, pkg, {"device": "cpu"}, env)
     argv, child = launcher.build_command(st, env)
     assert child["VLLM_API_KEY"] == SECRET and SECRET not in " ".join(argv) and SECRET not in repr(st)
     assert "VLLM_API_KEY=****" in launcher.describe(argv, child) and SECRET not in launcher.describe(argv, child)
     # auth off: a key left in the shell must not silently switch auth on
-    st = launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"VLLM_API_KEY": "stray"})
+    st = launcher.resolve(p.serve, manifest, pkg, {"device": "cpu"}, {"VLLM_API_KEY": "stray"})
     assert "VLLM_API_KEY" not in launcher.build_command(st, {"VLLM_API_KEY": "stray"})[1]
     with pytest.raises(launcher.LaunchError, match=r"\$API_KEY is empty"):
-        launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"ENABLE_AUTH": "1"})
+        launcher.resolve(p.serve, manifest, pkg, {"device": "cpu"}, {"ENABLE_AUTH": "1"})
     with pytest.raises(launcher.LaunchError, match=r"ENABLE_AUTH='maybe'"):
-        launcher.resolve(p, manifest, pkg, {"device": "cpu"}, {"ENABLE_AUTH": "maybe", "API_KEY": SECRET})
+        launcher.resolve(p.serve, manifest, pkg, {"device": "cpu"}, {"ENABLE_AUTH": "maybe", "API_KEY": SECRET})
 
 
 def test_adapter_mode_serves_base_plus_lora_unmerged(tmp_path, base_model_dir):
@@ -228,10 +445,53 @@ def test_smoke_against_nothing_fails_in_one_line(built):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"serve smoke: error: {url}/v1: APIConnectionError")
     proc = serve_cli("smoke", "--params", str(built[1]), "--endpoint", f"{url}/v1", "--wait", "1")
-    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (
-        1,
-        f"serve smoke: error: {url}/health: not healthy after 1 s",
-    )
+    *progress, last = proc.stderr.strip().splitlines()
+    assert (proc.returncode, last) == (1, f"serve smoke: error: {url}/health: not healthy after 1 s")
+    # not silent while it waits: it says on what, from the first failed poll
+    waiting = json.loads(progress[-1])
+    assert (waiting["event"], waiting["url"], waiting["reason"]) == ("waiting", f"{url}/health", "connection refused")
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    codes: list[int] = []
+
+    def do_GET(self):
+        self.send_response(self.codes.pop(0) if self.codes else 200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_wait_healthy_reports_why_it_is_still_waiting():
+    reports = []
+
+    def report(url, reason, waited):
+        reports.append((reason, round(waited)))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _Health.codes = [503, 503]  # loading, loading, then healthy
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert smoke.wait_healthy(url, 30, report=report, every_s=1.5) < 30
+        assert reports == [("HTTP 503", 0), ("HTTP 503", 2)]  # one poll every 2 s; repeated after every_s
+        reports.clear()
+        _Health.codes = [503]
+        smoke.wait_healthy(url, 30, report=report)
+        assert reports == [("HTTP 503", 0)]  # same reason within every_s: said once
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    reports.clear()
+    with socket.socket() as mute:  # accepts connections (backlog) but never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        url = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        with pytest.raises(smoke.SmokeError, match=r"/health: not healthy after 1 s"):
+            smoke.wait_healthy(url, 1, report=report, request_timeout_s=0.5)
+    assert reports == [("no answer within 0.5 s", 0)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +500,8 @@ def test_smoke_against_nothing_fails_in_one_line(built):
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    env = clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # dvc.yaml says `python`
+    # dvc.yaml says `python`: the venv's, first on PATH; no usage analytics from throwaway repositories
+    env = clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -267,6 +528,30 @@ def servable_tiny(tiny: Path, out: Path, stop_word: str) -> int:
     return stop_id
 
 
+def publish_package(repo: Path, model: Path, remote: Path, max_model_len: int = 512, shared: bool = False) -> dict:
+    """In a `repo_copy`: `model` stands in for the base and merge stages' outputs; record base in dvc.lock,
+    `dvc repro package`, `dvc push` to `remote` (a temp folder, never ~/dvc-storage), git commit. `shared` writes
+    the remote into the committed .dvc/config (a team's shared remote), else .dvc/config.local. Returns the manifest."""
+    for out in ("models/base", "models/merged"):
+        if not (repo / out).exists():
+            shutil.copytree(model, repo / out)
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/train.json").write_text(json.dumps({"train_loss": 1.0, "eval_loss": 1.1}))
+    (repo / "metrics/eval.json").write_text(json.dumps({"tuned": {"chrf": 30.0}}))
+    (repo / "metrics/merge.json").write_text(json.dumps({"vs_unmerged": {"max_logit_abs_diff": 0.0, "mean_kl": 0.0}}))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    set_dotted(params, "package.max_model_len", max_model_len)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    dvc(repo, "remote", "modify", *([] if shared else ["--local"]), "storage", "url", str(remote))
+    assert str(remote) in dvc(repo, "remote", "list")  # never the developer's ~/dvc-storage
+    dvc(repo, "commit", "--force", "base")
+    dvc(repo, "repro", "--single-item", "package")
+    dvc(repo, "push")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", f"package (max_model_len {max_model_len})")
+    return json.loads((repo / "models/package/manifest.json").read_text())
+
+
 def _tokenize(endpoint: str, messages: list[dict], model: str) -> list[int]:
     body = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}).encode()
     req = urllib.request.Request(
@@ -280,25 +565,7 @@ def _tokenize(endpoint: str, messages: list[dict], model: str) -> list[int]:
 def test_publish_pull_and_serve_end_to_end(repo_copy, tiny_model_dir, tmp_path):
     repo, remote, clone = repo_copy, tmp_path / "remote", tmp_path / "clone"
     stop_id = servable_tiny(tiny_model_dir, tmp_path / "tiny32", " the")
-    for out in ("models/base", "models/merged"):  # stand-ins for the base and merge stages' outputs
-        shutil.copytree(tmp_path / "tiny32", repo / out)
-    (repo / "metrics").mkdir(exist_ok=True)
-    (repo / "metrics/train.json").write_text(json.dumps({"train_loss": 1.0, "eval_loss": 1.1}))
-    (repo / "metrics/eval.json").write_text(json.dumps({"tuned": {"chrf": 30.0}}))
-    (repo / "metrics/merge.json").write_text(json.dumps({"vs_unmerged": {"max_logit_abs_diff": 0.0, "mean_kl": 0.0}}))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    set_dotted(params, "package.max_model_len", 512)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
-
-    # --- publish: record base in dvc.lock, build the package, push both to a temp remote -----------
-    dvc(repo, "remote", "modify", "--local", "storage", "url", str(remote))
-    assert str(remote) in dvc(repo, "remote", "list")  # never the developer's ~/dvc-storage
-    dvc(repo, "commit", "--force", "base")
-    dvc(repo, "repro", "--single-item", "package")
-    dvc(repo, "push")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "package")
-    manifest = json.loads((repo / "models/package/manifest.json").read_text())
+    manifest = publish_package(repo, tmp_path / "tiny32", remote)  # base objects + the package, pushed
     remote_objects = [f for f in remote.rglob("*") if f.is_file()]
     assert len(remote_objects) > len(manifest["files"]) + 2  # base objects are in the remote too
 
