@@ -77,3 +77,27 @@ class Collator:
         mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in feats])
         return {"input_ids": pad("input_ids", self.pad_id), "labels": pad("labels", chat.IGNORE_INDEX),
                 "attention_mask": mask}  # fmt: skip
+
+
+def token_weighted_loss(eval_batches: list[dict]):
+    """The Trainer's `compute_loss_func`: causal-LM cross-entropy on the labelled tokens, token-weighted in eval too.
+
+    Training steps divide by `num_items_in_batch`, the labelled tokens of the whole optimizer step. The eval loop
+    averages per-batch means, which over micro-batches of unequal token counts is not the val loss (10.8230 vs
+    10.8260 on the tiny model's two val batches). Dividing each eval batch's summed NLL by the mean labelled tokens
+    per batch makes the loop's plain average the token-weighted mean that merge and evaluate report. An eval forward
+    is the one whose logits need no gradient.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    tokens = sum(
+        sum(1 for t in ex["labels"][1:] if t != chat.IGNORE_INDEX) for b in eval_batches for ex in b["examples"]
+    )
+    per_batch = tokens / max(1, len(eval_batches))
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits
+        n = num_items_in_batch if logits.requires_grad else per_batch
+        return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=n)
+
+    return loss

@@ -262,6 +262,7 @@ def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list], compute:
     trainer = Trainer(model=build_model(base_dir, t, compute_dtype, device_map, p.seed),
                       args=training_args(t, run_dir, p.seed, compute_dtype), train_dataset=train_ds,
                       eval_dataset=val_ds, data_collator=packing.Collator(t.packing, tokenizer.pad_token_id),
+                      compute_loss_func=packing.token_weighted_loss(val_ds),
                       processing_class=tokenizer, callbacks=callbacks)  # fmt: skip
     base_file = run_dir / "base_eval.json"
     if base_file.exists():

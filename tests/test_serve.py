@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -357,7 +358,7 @@ def test_bare_download_serves_without_params_yaml(built, tmp_path):
     assert _error_line(serve_cli("--dry-run", cwd=box)) == (
         "serve: error: no params.yaml here: pass --package DIR (e.g. a `dvc artifacts get` download) or --params FILE"
     )
-    url = f"http://127.0.0.1:{_free_port()}"  # smoke needs no params.yaml either
+    url = f"http://127.0.0.1:{free_port()}"  # smoke needs no params.yaml either
     proc = serve_cli("smoke", "--endpoint", url, "--package", "smollm2-mlops", "--wait", "0", cwd=box)
     assert _error_line(proc).startswith(f"serve smoke: error: {url}/v1: APIConnectionError")
 

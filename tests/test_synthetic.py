@@ -139,7 +139,7 @@ def test_docs_answers_quote_the_snapshot():
     assert push[0].answer == "`dvc push`: Upload tracked files or directories to remote storage."
     ko = synthetic.render(_fact("summary", "dvc push"), "ko", 1, 0)[0]
     assert ko.answer.endswith("Upload tracked files or directories to remote storage.")
-    assert text.detect_lang(synthetic.CODE.sub(" ", ko.answer)) == "ko"
+    assert text.detect_lang(text.CODE.sub(" ", ko.answer)) == "ko"
     opt = next(f for f in synthetic.docs_facts(SNAPSHOT) if f["key"].startswith("option:dvc experiments run:-S"))
     exp = synthetic.render(opt, "en", 4, 0)
     assert exp[0].answer.startswith("`dvc experiments run` option `-S, --set-param ")
@@ -163,7 +163,7 @@ def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model
     for r in rows:
         assert set(r) == {"id", "messages", "lang", "source", "n_tokens"}
         assert r["id"] == text.row_id(r["messages"]) and 0 < r["n_tokens"] <= 512
-        prose = synthetic.CODE.sub(" ", " ".join(m["content"] for m in r["messages"]))
+        prose = text.CODE.sub(" ", " ".join(m["content"] for m in r["messages"]))
         assert r["lang"] == text.detect_lang(prose)  # code spans are language-neutral
         answer = r["messages"][-1]["content"]
         for flag in FLAG.findall(answer):  # no invented flags or options
