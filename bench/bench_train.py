@@ -1,4 +1,4 @@
-"""Training throughput: our train stage vs TRL's SFTTrainer, same data, model, LoRA config, max length, epochs.
+"""Training throughput: our train stage vs a bare QLoRA step (its roofline) and TRL's SFTTrainer, same model and LoRA.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_train.py [--params params.yaml] [--rows 40] [--val-rows 16]
                                                            [--trl-default-rows 2] [--json out.json]
@@ -7,12 +7,15 @@ Needs `dvc repro preprocess synthetic` (reads `paths.processed_dir` and `paths.s
 (seeded) `--rows` train rows (seed + synthetic mixed as in the stage) and `--val-rows` val rows so it runs in
 minutes on a 2-core CPU. Arms, each for one epoch over the same rows with `train.*` LoRA settings:
   ours          stages.train.main() on the subsample (params.yaml train section, evals/saves only at the end)
+  bare          the roofline of one training step of the same model: `stages.train.build_model` (nf4 + double
+                quant, LoRA on `train.target_modules`, the compute dtype `auto` picks), AdamW, a dense 8x256 batch
+                of random tokens, a plain loop: no Trainer, no data pipeline, no padding, no evals
+  trl_default   SFTTrainer with only model path, messages dataset, peft config, output dir, epochs, max
+                length (+ use_cpu without a GPU, else it refuses to start): its defaults include bf16 autocast, native
+                on GPUs and AVX512-BF16/AMX CPUs (the fair comparison there, on every row) but emulated (~20-50x
+                slower) on AVX2-only CPUs, where it runs `--trl-default-rows` rows only and reports throughput
   trl_fp32      SFTTrainer defaults + the model object our stage builds (same nf4/fp32 weights) and bf16=False:
                 the one change that makes TRL's CPU numerics match ours
-  trl_default   SFTTrainer with only model path, messages dataset, peft config, output dir, epochs, max
-                length (+ use_cpu without a GPU, else it refuses to start): its defaults include bf16 autocast,
-                emulated (~20-50x slower) on CPUs without AVX512-BF16/AMX, so this arm runs `--trl-default-rows`
-                rows only and reports throughput
 Real tokens/s = non-padding tokens trained / summed optimizer-step time (forward, backward, optimizer; the
 Trainer's end-of-training eval and checkpoint save excluded for every arm). `runtime_tokens_per_s` divides by
 the whole train() wall time instead.
@@ -35,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmops import chat, config, io, modeling  # noqa: E402
+from llmops import chat, config, hardware, io, modeling, packing  # noqa: E402
 from stages import train  # noqa: E402
 
 
@@ -133,6 +136,22 @@ def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: li
     }
 
 
+def run_bare(p: config.Params, dtype: str, steps: int = 8, batch: tuple[int, int] = (8, 256)) -> dict:
+    """Tokens/s of the plain loop forward → backward → AdamW step on a dense batch (2 warm-up steps not timed)."""
+    torch.manual_seed(p.seed)
+    model = train.build_model(Path(p.paths.base_dir), p.train, dtype, {"": "cpu"}, p.seed).train()
+    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=p.train.lr)
+    ids = torch.randint(100, 40000, batch)
+    elapsed = 0.0
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed += (time.perf_counter() - t) if i >= 2 else 0.0
+    return {"tokens": steps * batch[0] * batch[1], "step_s": elapsed, "train_s": elapsed}
+
+
 def run_trl(p: config.Params, work: Path, rows: list[dict], name: str, model_obj=None) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -169,11 +188,13 @@ def main() -> None:
     rows = rows[: a.rows]
     tok = modeling.load_tokenizer(paths.base_dir)
     eot = chat.end_of_turn_id(tok)
-    val_ex = train.encode_rows(val, tok, eot, p.preprocess.max_seq_len)
-    dtype, _ = train.resolve_compute(p.train)
+    val_ex = packing.encode_rows(val, tok, eot, p.preprocess.max_seq_len)
+    dtype, _ = train.resolve_compute(p.train, world=1)
     quantize = p.train.method == "qlora"
     res: dict = {"rows": len(rows), "val_rows": len(val), "method": p.train.method, "compute_dtype": dtype,
-                 "threads": torch.get_num_threads()}  # fmt: skip
+                 "threads": torch.get_num_threads(), "machine": hardware.machine()}  # fmt: skip
+    if hardware.cpu_has_native_bf16() or torch.cuda.is_available():
+        a.trl_default_rows = len(rows)  # TRL's bf16 default is native here: the fair arm, on every row
     res["peak_flops"] = matmul_peak()
     res["flops_per_token"] = train_flops_per_token(paths.base_dir)
 
@@ -184,11 +205,12 @@ def main() -> None:
 
 
 def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None:
-    """ours, then trl_fp32, then trl_default; each adds its entry to `res` as soon as it is done."""
+    """ours, bare, then trl_fp32 and trl_default; each adds its entry to `res` as soon as it is done."""
     paths = p.paths
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         ours = run_ours(params_file, work, rows, val)
+        res["bare"] = run_bare(p, dtype)
         from peft import PeftModel
 
         base = modeling.load_model(paths.base_dir, quantize_4bit=quantize, dtype=dtype, device_map="cpu")
@@ -206,18 +228,23 @@ def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None
             res["trl_default"] = {"rows": a.trl_default_rows, **{k: d[k] for k in ("tokens", "step_s", "train_s")}}
 
 
+ARMS = ("ours", "bare", "trl_fp32", "trl_default")
+
+
 def report(res: dict, t0: float, json_path: str | None) -> None:
     """Rates and ratios of whatever arms finished; printed and, with --json, written."""
-    for arm in ("ours", "trl_fp32", "trl_default"):
+    for arm in ARMS:
         if arm in res:
             res[arm]["tokens_per_s"] = res[arm]["tokens"] / res[arm]["step_s"]
             res[arm]["runtime_tokens_per_s"] = res[arm]["tokens"] / res[arm]["train_s"]
+    if "ours" in res and "bare" in res:
+        res["ratio_vs_bare"] = res["ours"]["tokens_per_s"] / res["bare"]["tokens_per_s"]
     if "ours" in res and "trl_fp32" in res:
         res["ratio_vs_trl_fp32"] = res["ours"]["tokens_per_s"] / res["trl_fp32"]["tokens_per_s"]
     if "ours" in res and "trl_default" in res:
         res["ratio_vs_trl_default"] = res["ours"]["tokens_per_s"] / res["trl_default"]["tokens_per_s"]
     if "peak_flops" in res and "flops_per_token" in res:
-        for arm in ("ours", "trl_fp32", "trl_default"):
+        for arm in ARMS:
             if arm in res:
                 achieved = res[arm]["tokens_per_s"] * res["flops_per_token"]
                 res[arm]["achieved_tflops"] = achieved / 1e12

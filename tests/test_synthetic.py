@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmops import config, io, text
+from llmops import config, dedup, io, text
 from llmops.stage import StageError
 from stages import docs_snapshot, synthetic
 from tests.conftest import ROOT, free_port, write_params
@@ -64,8 +64,16 @@ def _setup(tmp: Path, base_dir: Path, overrides: dict | None = None, val_test: l
     return params
 
 
+TEMPLATES = yaml.safe_load((ROOT / "data" / "docs_qa.yaml").read_text(encoding="utf-8"))
+FACTS = synthetic.docs_facts(SNAPSHOT, TEMPLATES["skip"], TEMPLATES["ko"])
+
+
 def _fact(kind: str, key: str) -> dict:
-    return next(f for f in synthetic.docs_facts(SNAPSHOT) if f["kind"] == kind and f["key"] == f"{kind}:{key}")
+    return next(f for f in FACTS if f["kind"] == kind and f["key"] == key)
+
+
+def _candidates(phrasings: int = 2, seed: int = 0):
+    return synthetic.docs_candidates(FACTS, TEMPLATES, phrasings, seed)
 
 
 # ---------------------------------------------------------------- docs snapshot
@@ -132,21 +140,36 @@ def test_docstring_args_parser():
 # ---------------------------------------------------------------- docs generator
 
 
-def test_docs_answers_quote_the_snapshot():
-    """The issue's examples, rendered from the snapshot: answers are the mined text, ko wraps it in Korean."""
-    push = synthetic.render(_fact("summary", "dvc push"), "en", 5, 0)
-    assert {c.question for c in push} >= {"What does `dvc push` do?"}
-    assert push[0].answer == "`dvc push`: Upload tracked files or directories to remote storage."
-    ko = synthetic.render(_fact("summary", "dvc push"), "ko", 1, 0)[0]
-    assert ko.answer.endswith("Upload tracked files or directories to remote storage.")
-    assert text.detect_lang(text.CODE.sub(" ", ko.answer)) == "ko"
-    opt = next(f for f in synthetic.docs_facts(SNAPSHOT) if f["key"].startswith("option:dvc experiments run:-S"))
-    exp = synthetic.render(opt, "en", 4, 0)
-    assert exp[0].answer.startswith("`dvc experiments run` option `-S, --set-param ")
-    assert any("`dvc exp run`" in c.question for c in exp + synthetic.render(opt, "en", 4, 1))  # alias phrasings
-    lora = synthetic.render(_fact("field", "peft.LoraConfig:lora_alpha"), "en", 1, 0)[0]
+def test_docs_questions_are_asked_like_people_ask_and_answers_quote_the_snapshot():
+    push = _fact("command", "dvc push")
+    assert push["vars"]["intent"] == "upload tracked files or directories to remote storage"
+    rows = synthetic.render(push, "en", 6, 0)
+    assert {c.question for c in rows} >= {"How do I upload tracked files or directories to remote storage?",
+                                          "Which DVC command do I use to upload tracked files or directories to remote storage?"}  # fmt: skip
+    assert all(c.answer.startswith(("Use `dvc push`", "Run `dvc push`", "`dvc push`")) for c in rows)
+    assert all("Upload tracked files or directories to remote storage." in c.answer for c in rows)
+    ko = synthetic.render(push, "ko", 5, 0)  # the hand translation of the documented summary, never English prose
+    assert {c.question for c in ko} >= {"추적 중인 데이터를 원격 저장소에 올리려면 어떤 명령을 써야 하나요?"}
+    assert all(TEMPLATES["ko"]["dvc push"]["desc"] in c.answer and "Upload" not in c.answer for c in ko)
+    assert all(text.detect_lang(c.answer) == "ko" for c in ko)
+    run = _fact("command", "dvc exp run")  # users type the alias, not `dvc experiments run`
+    assert run["vars"]["name"] == "dvc exp run" and run["vars"]["cmd"] == "dvc experiments run"
+    queue = synthetic.render(_fact("option", "dvc exp run --queue"), "en", 4, 0)
+    assert any(c.question == "How do I stage this experiment for remote execution with `dvc exp run`?" for c in queue)
+    assert all("`--queue`" in c.answer or "`dvc exp run --queue`" in c.answer for c in queue)
+    assert not synthetic.render(_fact("command", "dvc cache"), "ko", 2, 0)  # no translation: no Korean rows
+    assert not [f for f in FACTS if f["key"].startswith("mlflow traces")]  # left out by the templates' skip list
+    lora = synthetic.render(_fact("field", "peft.LoraConfig.lora_alpha"), "en", 2, 0)
     doc = next(f for a in SNAPSHOT["apis"] for f in a["fields"] if f["name"] == "lora_alpha")
-    assert lora.answer == f"`lora_alpha` in `peft.LoraConfig` (type `int`, default `8`): {doc['help']}"
+    assert all(synthetic.first_sentence(doc["help"]) in c.answer and "(type `int`, default `8`)" in c.answer
+               for c in lora)  # fmt: skip
+
+
+def test_first_sentence_and_intent():
+    assert synthetic.first_sentence("Git revision (e.g. SHA, branch, tag)") == "Git revision (e.g. SHA, branch, tag)."
+    assert synthetic.first_sentence("Show status. Also compares caches.") == "Show status."
+    assert synthetic.intent("Hide failed experiments in the table.") == "hide failed experiments in the table"
+    assert synthetic.intent("Commands to run and compare experiments.") is None  # not a task: no "how do I"
 
 
 def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model_dir):
@@ -155,26 +178,25 @@ def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model
     p = config.load(params, "synthetic")
     out = Path(p.paths.synthetic_train)
     rows, first = io.read_jsonl(out), out.read_bytes()
-    assert 300 <= m["rows"] == len(rows) <= 1500
-    assert m["rows_by_lang"]["en"] > 300 and m["rows_by_lang"]["ko"] > 300
-    assert set(m["rows_by_generator"]) == {"synthetic:docs"}
-    assert {"summary", "option", "field", "usage"} <= set(m["rows_by_kind"])
+    assert m["rows"] == len(rows) == p.synthetic.max_rows
+    assert m["rows_by_lang"]["en"] > m["rows_by_lang"]["ko"] > 0.2 * m["rows"]
+    assert m["rows_by_kind"] == {"command": m["rows"]}  # commands first: the default budget holds only them
     assert sum(m["filtered"].values()) + m["rows"] == m["candidates"]
+    assert m["tokens"]["total"] == sum(r["n_tokens"] for r in rows)
     for r in rows:
-        assert set(r) == {"id", "messages", "lang", "source", "n_tokens"}
+        assert set(r) == {"id", "messages", "lang", "source", "n_tokens"} and r["source"] == "synthetic:docs"
         assert r["id"] == text.row_id(r["messages"]) and 0 < r["n_tokens"] <= 512
-        prose = text.CODE.sub(" ", " ".join(m["content"] for m in r["messages"]))
-        assert r["lang"] == text.detect_lang(prose)  # code spans are language-neutral
+        assert r["lang"] == text.detect_lang(" ".join(m["content"] for m in r["messages"]))
         answer = r["messages"][-1]["content"]
         for flag in FLAG.findall(answer):  # no invented flags or options
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", SNAPSHOT_TEXT), (flag, answer)
-        for span in CODE_SPAN.findall(answer):  # every code span is mined text (option specs join flags by ", ")
-            for tok in filter(None, re.split(r",?\s+", span)):
-                assert json.dumps(tok, ensure_ascii=False)[1:-1] in SNAPSHOT_TEXT, (tok, answer)
+        for span in CODE_SPAN.findall(answer):  # every code span is mined text
+            for tok in filter(None, re.split(r"\s+", span)):
+                assert json.dumps(tok, ensure_ascii=False)[1:-1] in SNAPSHOT_TEXT or tok in ("exp",), (tok, answer)
     phrasings = {}
     for r in rows:
-        phrasings.setdefault(r["messages"][1]["content"], set()).add(r["messages"][0]["content"])
-    assert max(len(v) for v in phrasings.values()) == 3  # several phrasings of one fact are kept
+        phrasings.setdefault((r["lang"], r["messages"][1]["content"][:12]), set()).add(r["messages"][0]["content"])
+    assert max(len(v) for v in phrasings.values()) >= 2  # several phrasings of one fact are kept
 
     synthetic.main(str(params))
     assert out.read_bytes() == first, "same snapshot + params + seed must give identical bytes"
@@ -189,20 +211,17 @@ def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model
 
 
 def test_grounding_of_every_candidate():
-    """Every string a docs answer claims to quote is in the snapshot and in the answer."""
-    for i, c in enumerate(synthetic.docs_candidates(SNAPSHOT, 3, 0)):
-        if i >= 3000:
-            break
-        assert c.grounding and all(g in SNAPSHOT_TEXT or json.dumps(g)[1:-1] in SNAPSHOT_TEXT for g in c.grounding)
-        assert c.grounding[0] in c.answer  # the command / API the answer is about
+    """Every docs answer quotes its documented text's first sentence, or the hand translation of it."""
+    for c in itertools.islice(_candidates(2, 0), 3000):
+        assert c.grounding in SNAPSHOT_TEXT or json.dumps(c.grounding)[1:-1] in SNAPSHOT_TEXT
+        quoted = synthetic.first_sentence(c.grounding)
+        assert quoted in c.answer or (c.lang == "ko" and any(t["desc"] in c.answer for t in TEMPLATES["ko"].values()))
 
 
 def test_no_synthetic_row_equals_or_nearly_equals_val_test(tmp_path, base_model_dir):
     """Inject val/test rows that a docs candidate would reproduce exactly and almost exactly: both are dropped."""
     ok = _synthetic_params(max_answer_chars=900)
-    cands = [
-        c for c in itertools.islice(synthetic.docs_candidates(SNAPSHOT, 3, 1234), 50) if not synthetic.row_reason(c, ok)
-    ]
+    cands = [c for c in itertools.islice(_candidates(2, 1234), 50) if not synthetic.row_reason(c, ok)]
     exact, near = cands[0], next(c for c in cands if c.answer != cands[0].answer)
     leak = [_row(_qa(exact.question, exact.answer)), _row(_qa(near.question + "?", near.answer))]
     params = _setup(tmp_path, base_model_dir, {"synthetic.max_rows": 200}, val_test=leak)
@@ -218,11 +237,11 @@ def test_no_synthetic_row_equals_or_nearly_equals_val_test(tmp_path, base_model_
             m["content"] for m in r["messages"] if m["role"] != "system"
         )
 
-    syn_q = synthetic.shingle_matrix([texts(r)[0] for r in rows])
-    syn_f = synthetic.shingle_matrix([texts(r)[1] for r in rows])
-    ho_q = synthetic.shingle_matrix([texts(r)[0] for r in held_out])
-    ho_f = synthetic.shingle_matrix([texts(r)[1] for r in held_out])
-    assert synthetic.jaccard(syn_q, ho_q).max() < 0.9 and synthetic.jaccard(syn_f, ho_f).max() < 0.9
+    syn_q = dedup.shingles([texts(r)[0] for r in rows])
+    syn_f = dedup.shingles([texts(r)[1] for r in rows])
+    ho_q = dedup.shingles([texts(r)[0] for r in held_out])
+    ho_f = dedup.shingles([texts(r)[1] for r in held_out])
+    assert dedup.jaccard(syn_q, ho_q).max() < 0.9 and dedup.jaccard(syn_f, ho_f).max() < 0.9
 
 
 # ---------------------------------------------------------------- filters
@@ -296,7 +315,9 @@ def test_dedup_filters(base_model_dir):
         C("en", "Explain everything about DVC.", "word " * 170),  # too_long_tokens (> max_seq_len 128)
     ]
     params = _synthetic_params(max_answer_chars=900)
-    rows, counts, examined = synthetic.select(cands, seed_rows, params, tok, 128, "s")
+    heldout = ["Explain `dvc push` in a single sentence, please."]  # a held-out QA question: nothing may repeat it
+    cands.append(C("en", "Explain `dvc push` in a single sentence please", a + " (again)"))  # heldout_near_dup
+    rows, counts, examined = synthetic.select(cands, seed_rows, heldout, params, tok, 128, "s")
     assert [r["messages"][0]["content"] for r in rows] == [cands[0].question, cands[3].question]
     assert examined == len(cands) and all(r["source"] == "s" and r["n_tokens"] > 0 for r in rows)
     assert {k: v for k, v in counts.items() if v} == {
@@ -304,20 +325,19 @@ def test_dedup_filters(base_model_dir):
         "near_dup": 1,
         "seed_exact_dup": 1,
         "seed_near_dup": 2,
+        "heldout_near_dup": 1,
         "too_long_tokens": 1,
     }
-    capped, _, examined = synthetic.select(cands, seed_rows, _synthetic_params(max_rows=1), tok, 512, "s")
+    capped, _, examined = synthetic.select(cands, seed_rows, [], _synthetic_params(max_rows=1), tok, 512, "s")
     assert len(capped) == 1 and examined == 1
 
 
 def test_docs_seeded_teacher_answers_may_not_invent_flags():
     context = "`dvc push` option `-r, --remote <name>`: Remote storage to push to"
-    ok = synthetic.Candidate(
-        "en", "How do I pick the remote?", "Pass `-r <name>` (or `--remote`).", "teacher:docs", (context,)
-    )
-    invented = synthetic.Candidate(
-        "en", "How do I pick the remote?", "Pass `--target-remote <name>` to choose it.", "teacher:docs", (context,)
-    )
+    ok = synthetic.Candidate("en", "How do I pick the remote?", "Pass `-r <name>` (or `--remote`).", "teacher:docs",
+                             context)  # fmt: skip
+    invented = synthetic.Candidate("en", "How do I pick the remote?", "Pass `--target-remote <name>` to choose it.",
+                                   "teacher:docs", context)  # fmt: skip
     assert synthetic.row_reason(ok, _synthetic_params()) is None
     assert synthetic.row_reason(invented, _synthetic_params()) == "ungrounded_flag"
 

@@ -100,13 +100,19 @@ def test_make_batches_respects_the_token_budget_exactly():
     ex = [{"input_ids": [7] * n, "labels": [7] * n} for n in (5, 4, 3, 6, 2)]
     packed = packing.make_batches(ex, 9, packing=True, seed=None)
     assert [[len(e["input_ids"]) for e in b["examples"]] for b in packed] == [[5, 4], [3, 6], [2]]
-    padded = packing.make_batches(ex, 9, packing=False, seed=None)  # rows x longest <= 9
-    assert [[len(e["input_ids"]) for e in b["examples"]] for b in padded] == [[5], [4, 3], [6], [2]]
+    # padded: sorted by length so a batch holds rows of about one length, rows x longest <= 9
+    padded = packing.make_batches(ex, 9, packing=False, seed=None)
+    assert [[len(e["input_ids"]) for e in b["examples"]] for b in padded] == [[2, 3], [4], [5], [6]]
     assert [[len(e["input_ids"]) for e in b["examples"]] for b in packing.make_batches(ex, 12, False, None)] == [
-        [5, 4], [3, 6], [2]]  # fmt: skip
-    shuffled = packing.make_batches(ex, 9, packing=True, seed=1)
-    assert sorted(len(e["input_ids"]) for b in shuffled for e in b["examples"]) == [2, 3, 4, 5, 6]
-    assert shuffled == packing.make_batches(ex, 9, packing=True, seed=1)  # the seed fixes the order
+        [2, 3, 4], [5, 6]]  # fmt: skip
+    for mode in (True, False):
+        shuffled = packing.make_batches(ex, 9, packing=mode, seed=1)
+        assert sorted(len(e["input_ids"]) for b in shuffled for e in b["examples"]) == [2, 3, 4, 5, 6]
+        assert shuffled == packing.make_batches(ex, 9, packing=mode, seed=1)  # the seed fixes the order
+    orders = {
+        tuple(len(b["examples"][0]["input_ids"]) for b in packing.make_batches(ex, 9, False, s)) for s in range(8)
+    }
+    assert len(orders) > 1  # padded batches are shuffled too: not always shortest first
     with pytest.raises(StageError, match="10 tokens > train.tokens_per_batch=9"):
         packing.make_batches([{"input_ids": [1] * 10, "labels": [1] * 10}], 9, True, None)
 
@@ -239,7 +245,7 @@ def test_metrics_and_curve_are_exact(trained, tiny_model_dir):
     tok = modeling.load_tokenizer(tiny_model_dir)
     rows = io.read_jsonl(f"{p.paths.processed_dir}/train.jsonl") + io.read_jsonl(p.paths.synthetic_train)
     ex = packing.encode_rows(rows, tok, 2, 768)
-    n = len(packing.make_batches(ex, 1024, True, p.seed))  # one epoch = one optimizer step per batch
+    n = len(packing.make_batches(ex, 1024, p.train.packing, p.seed))  # one epoch = one optimizer step per batch
     assert metrics["steps"] == n and n >= 6 and metrics["epochs"] == 1.0 and metrics["resumed_from_step"] == 0
     assert (metrics["train_rows"], metrics["val_rows"]) == (32, 6)
     assert metrics["tokens_seen"] == sum(len(e["input_ids"]) for e in ex)  # every real token once, no padding
