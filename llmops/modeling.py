@@ -225,3 +225,21 @@ def assistant_positions(model, encoded: list, batch_size: int = 1, desc: str = "
                 labels = torch.tensor(e.labels[1:], device=device)
                 keep = labels != IGNORE_INDEX
                 yield logits[j, : len(labels)][keep].float().cpu(), labels[keep].cpu()
+
+
+def check_target_modules(base_dir: Path, names: tuple[str, ...]) -> None:
+    """Every train.target_modules entry must name modules of the base model as peft matches them (the full name or
+    its last dotted parts): peft itself adapts whatever matches and stays silent about the rest."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():  # the module tree from config.json, no weights
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    modules = [n for n, _ in model.named_modules() if n]
+    bad = [t for t in names if not any(n == t or n.endswith(f".{t}") for n in modules)]
+    if bad:
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise StageError(
+            f"train.target_modules: {bad} match no module of {base_dir} (its linear layers: {', '.join(have)}); "
+            "fix the list in params.yaml (a missing comma joins two names into one)"
+        )

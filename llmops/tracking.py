@@ -12,6 +12,8 @@ printed.
 
 from __future__ import annotations
 
+import csv
+import io as stdio
 import os
 import subprocess
 import time
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from llmops import io, log
 from llmops.stage import StageError
+
+CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "lr")
 
 
 def resolve_uri(default: str) -> tuple[str, bool]:
@@ -158,3 +162,20 @@ def session_rate(trainer) -> float | None:
     """Real (non-padding) tokens per second of optimizer-step time in this session (all processes)."""
     clock = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "seconds"))
     return clock.tokens / clock.seconds if clock.seconds else None
+
+
+def curve_csv(log_history: list[dict], base_eval_loss: float) -> str:
+    """One row per optimizer step (+ step 0 = base model), from the Trainer's log history."""
+    rows: dict[int, dict] = {0: {"step": 0, "eval_loss": base_eval_loss}}
+    for e in log_history:
+        row = rows.setdefault(e["step"], {"step": e["step"]})
+        if "loss" in e:
+            row.update(train_loss=e["loss"], lr=e.get("learning_rate"))
+        if "eval_loss" in e:
+            row["eval_loss"] = e["eval_loss"]
+    buf = stdio.StringIO()
+    w = csv.DictWriter(buf, CURVE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in (rows[s] for s in sorted(rows)):
+        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in CURVE_COLUMNS})
+    return buf.getvalue()

@@ -19,11 +19,13 @@ dtypes and engine produced the figures: bf16 and fp32 machines differ in the las
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import io as stdio
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -102,6 +104,23 @@ def generate_hf(model, prompts: list[list[int]], eos: list[int], defaults: dict,
     return [answers[i] for i in range(len(prompts))]
 
 
+@contextlib.contextmanager
+def _proxies_hidden():
+    """vLLM's CPU engine start scans the globals of every loaded module (Triton kernel overrides); an unbound
+    flask/werkzeug context proxy there (flask is loaded once mlflow's server CLI was imported in this process)
+    raises on the first attribute probe. Such modules are out of sys.modules while the engine starts."""
+    local = sys.modules.get("werkzeug.local")
+    hidden = {}
+    if local is not None:
+        for name, mod in list(sys.modules.items()):
+            if any(type(v) is local.LocalProxy for v in list(getattr(mod, "__dict__", {}).values())):
+                hidden[name] = sys.modules.pop(name)
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 def generate_vllm(model_dir: Path, prompts: list[list[int]], eos: list[int], defaults: dict, max_new: int,
                   dtype: str, seed: int) -> list[list[int]]:  # fmt: skip
     """Greedy answer ids from vLLM's offline engine, stopped by the served eos ids."""
@@ -109,8 +128,9 @@ def generate_vllm(model_dir: Path, prompts: list[list[int]], eos: list[int], def
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: a 5 s start, not 60
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max(map(len, prompts)) + max_new,
-              enforce_eager=not torch.cuda.is_available())  # fmt: skip  # CPU: compile warm-up costs more than it saves
+    with _proxies_hidden():
+        llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max(map(len, prompts)) + max_new,
+                  enforce_eager=not torch.cuda.is_available())  # fmt: skip  # CPU: compile warm-up costs more than it saves
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_new, stop_token_ids=eos, **defaults)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

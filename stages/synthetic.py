@@ -3,7 +3,7 @@
     python -m stages.synthetic [--params params.yaml]
 
 Generators (`synthetic.generator`):
-  docs     (default; offline, deterministic) questions shaped like the ones people ask ("How do I upload tracked
+  docs     (default; offline, deterministic; llmops.docs_qa) questions shaped like the ones people ask ("How do I upload tracked
            files or directories to remote storage?", "Which flag of `dvc push` ...?") answered by the command,
            option or field that does it, in the words of its documentation: every answer quotes
            `paths.docs_snapshot` (or, in Korean, the hand translation of that text in `paths.synthetic_templates`;
@@ -20,162 +20,29 @@ contract (source `synthetic:<generator>`); synthetic rows only ever feed trainin
 from __future__ import annotations
 
 import itertools
-import random
 import re
-import string
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 from scipy import sparse
 
-from llmops import chat, config, dedup, io, log, modeling, stage, teacher, text
+from llmops import chat, config, dedup, docs_qa, io, log, modeling, stage, teacher, text
 from llmops.stage import StageError
 
-LANGS = ("en", "ko")
-TOOLS = {"dvc": "DVC", "mlflow": "MLflow"}
 REASONS = ("empty", "unparseable", "refusal", "too_short", "too_long", "wrong_lang", "ungrounded_flag",
            "seed_exact_dup", "seed_near_dup", "heldout_near_dup", "exact_dup", "near_dup", "too_long_tokens")  # fmt: skip
 REFUSAL = re.compile(r"\b(I'?m sorry|I am sorry|I can(?:no|')t|I am unable|I'm unable|As an AI)\b|죄송|할 수 없습니다|"
                      r"답변(?:할|을 드릴) 수 없", re.IGNORECASE)  # fmt: skip
 FLAG = re.compile(r"(?<![\w./=-])--?[A-Za-z][\w-]*")  # a command-line flag mentioned in prose
-# First words of a documented summary that make it a task ("Upload tracked files ..." → "How do I upload ...?").
-VERBS = frozenset("add apply build check checkout cleanup collect configure create delete deploy display download "
-                  "freeze garbage generate get initialize install list log manage migrate modify move perform "
-                  "predict print promote pull push record register remove rename reproduce restore run save search "
-                  "serve set show start stop track unfreeze update upgrade upload view visualize".split())  # fmt: skip
 BATCH = 256
-
-
-@dataclass(frozen=True)
-class Candidate:
-    lang: str
-    question: str
-    answer: str
-    kind: str = ""
-    grounding: str = ""  # the documented text the answer quotes (docs), or the teacher's context
-
-
-# ---------------------------------------------------------------- docs generator
-
-
-def _names(command: str, aliases: dict[str, list[str]]) -> str:
-    """The command as users type it: each word replaced by its shortest alias (`dvc exp run`)."""
-    words = command.split()
-    return " ".join(min([w, *aliases.get(" ".join(words[: i + 1]), [])], key=len) for i, w in enumerate(words))
-
-
-def first_sentence(doc: str) -> str:
-    """The documented text's first sentence, with its period ("e.g." and "i.e." do not end one)."""
-    m = re.search(r"(?<!\be\.g)(?<!\bi\.e)\.(\s|$)", doc)
-    return (doc[: m.start()] if m else doc).strip().rstrip(".") + "."
-
-
-def intent(doc: str) -> str | None:
-    """`Upload tracked files to remote storage.` → `upload tracked files to remote storage`; None if not a task."""
-    first = first_sentence(doc).rstrip(".")
-    if first.split(" ", 1)[0].lower() not in VERBS or len(first) > 120:
-        return None
-    return first[0].lower() + first[1:]
-
-
-def docs_facts(snap: dict, skip: list[str], ko: dict[str, dict]) -> list[dict]:
-    """Every fact the phrasings can ask about: {kind, key, vars, ko, grounding}; commands, options, API fields."""
-    aliases = {c["command"]: c["aliases"] for c in snap["commands"] if c["aliases"]}
-    facts = []
-    for c in snap["commands"]:
-        if " " not in c["command"] or any(c["command"] == g or c["command"].startswith(f"{g} ") for g in skip):
-            continue  # the bare tool ("dvc") is no task
-        name = _names(c["command"], aliases)
-        base = {"cmd": c["command"], "name": name, "tool_title": TOOLS.get(c["tool"], c["tool"])}
-        if len(c["usage"]) <= 100:  # a longer synopsis is noise in a short answer
-            base["usage"] = c["usage"]
-        if c["summary"]:
-            task = {"intent": i} if (i := intent(c["summary"])) else {}
-            extra = _option_notes(c["options"], name, ko)
-            facts.append({"kind": "command", "key": name, "ko": _with(ko.get(name), extra.pop("ko_options", None)),
-                          "grounding": c["summary"],
-                          "vars": {**base, **task, **extra, "summary": first_sentence(c["summary"])}})  # fmt: skip
-        for o in c["options"]:
-            flag = max(o["flags"], key=len)
-            if not o["help"] or flag in ("--help", "--quiet", "--verbose"):
-                continue
-            task = {"intent": i} if (i := intent(o["help"])) else {}
-            spec = flag + (f" {o['metavar']}" if o["metavar"] else "")
-            facts.append({"kind": "option", "key": f"{name} {flag}", "ko": ko.get(f"{name} {flag}"),
-                          "grounding": o["help"], "vars": {**base, **task, "flag": flag, "spec": spec,
-                                                           "help": first_sentence(o["help"])}})  # fmt: skip
-    for api in snap["apis"]:
-        for f in api["fields"]:
-            if f["help"]:
-                meta = ", ".join(f"{k} `{f[k]}`" for k in ("type", "default") if f[k]) or "undocumented type"
-                task = {"intent": i} if (i := intent(f["help"])) else {}
-                facts.append({"kind": "field", "key": f"{api['api']}.{f['name']}", "ko": None, "grounding": f["help"],
-                              "vars": {"api": api["api"], "field": f["name"], "meta": meta, **task,
-                                       "help": first_sentence(f["help"])}})  # fmt: skip
-    return facts
-
-
-def _option_notes(options: list[dict], name: str, ko: dict[str, dict]) -> dict:
-    """The command's first two documented options as a sentence ({options}), and, where they are translated, a
-    Korean one ({ko_options}): what makes an answer more than a one-liner, still in the documentation's words."""
-    usable = [o for o in options if o["help"] and not {"--help", "--quiet", "--verbose"} & set(o["flags"])]
-    # the translated ones first: they are the options people reach for (-S and --queue of `dvc exp run`)
-    picked = sorted(usable, key=lambda o: f"{name} {max(o['flags'], key=len)}" not in ko)[:2]
-    out = {}
-    if picked:
-        notes = [f"`{'`/`'.join(o['flags'])}` ({first_sentence(o['help']).rstrip('.')})" for o in picked]
-        out["options"] = "Useful options: " + ", ".join(notes) + "."
-    ko_notes = [f"`{max(o['flags'], key=len)}` 옵션은 {t['desc']}" for o in picked
-                if (t := ko.get(f"{name} {max(o['flags'], key=len)}"))]  # fmt: skip
-    if ko_notes:
-        out["ko_options"] = " ".join(ko_notes)
-    return out
-
-
-def _with(ko: dict | None, ko_options: str | None) -> dict | None:
-    return {**ko, "ko_options": ko_options} if ko and ko_options else ko
-
-
-def _fields(template: str) -> set[str]:
-    return {f for _, f, _, _ in string.Formatter().parse(template) if f}
-
-
-def render(fact: dict, lang: str, templates: dict, phrasings: int, seed: int) -> list[Candidate]:
-    """Up to `phrasings` question phrasings (seeded per fact), each with an answer phrasing of its own; only
-    phrasings whose every {field} the fact has."""
-    kind = templates.get(fact["kind"], {}).get(lang)
-    if kind is None or (lang == "ko" and not fact["ko"]):
-        return []
-    v = {**fact["vars"], **(fact["ko"] or {})}
-    questions = [q for q in kind["questions"] if _fields(q) <= v.keys()]
-    answers = [a for a in kind["answers"] if _fields(a) <= v.keys()]
-    richest = max(len(_fields(a)) for a in answers)  # the fullest answer the fact supports
-    answers = [a for a in answers if len(_fields(a)) == richest]
-    rng = random.Random(f"{seed}:{fact['key']}:{lang}")
-    return [
-        Candidate(lang, q.format(**v), rng.choice(answers).format(**v), fact["kind"], fact["grounding"])
-        for q in rng.sample(questions, min(phrasings, len(questions)))
-    ]
-
-
-def docs_candidates(facts: list[dict], templates: dict, phrasings: int, seed: int):
-    """Commands first (what a user asks most), then options, then API fields; translated facts first within each
-    kind (they give both languages); a seeded shuffle otherwise; both languages per fact."""
-    order = {"command": 0, "option": 1, "field": 2}
-    facts = sorted(facts, key=lambda f: f["key"])
-    random.Random(f"{seed}:facts").shuffle(facts)
-    for fact in sorted(facts, key=lambda f: (order[f["kind"]], f["ko"] is None)):  # stable: the shuffle stays
-        for lang in LANGS:
-            yield from render(fact, lang, templates, phrasings, seed)
 
 
 # ---------------------------------------------------------------- filters
 
 
-def row_reason(c: Candidate, s: config.Synthetic) -> str | None:
+def row_reason(c: docs_qa.Candidate, s: config.Synthetic) -> str | None:
     """The first cheap (per-row) filter a candidate fails, or None."""
     if c.kind == "teacher:unparseable":
         return "unparseable"
@@ -267,20 +134,20 @@ def main(params_file: str = "params.yaml") -> dict:
     snap = io.read_json(paths.docs_snapshot)
     templates = yaml.safe_load(Path(paths.synthetic_templates).read_text(encoding="utf-8"))
     heldout = [r["question"] for r in io.read_jsonl(paths.qa_set)]
-    facts = docs_facts(snap, templates.get("skip") or [], templates.get("ko") or {})
+    facts = docs_qa.facts(snap, templates.get("skip") or [], templates.get("ko") or {})
     stats = teacher.TeacherStats()
     if s.generator == "docs":
-        candidates = docs_candidates(facts, templates, s.docs.phrasings, p.seed)
+        candidates = docs_qa.candidates(facts, templates, s.docs.phrasings, p.seed)
     else:
         cache = {e["key"]: e for e in io.read_jsonl(paths.teacher_cache)} if Path(paths.teacher_cache).exists() else {}
         seeds = [{"lang": c.lang, "question": c.question, "context": c.grounding}
-                 for c in docs_candidates(facts, templates, 1, p.seed)]  # fmt: skip
+                 for c in docs_qa.candidates(facts, templates, 1, p.seed)]  # fmt: skip
         prompts = teacher.make_prompts(s.teacher, splits["train"], seeds, p.seed)
         try:
             stats = teacher.ask(s.teacher, prompts, cache, logger)
         finally:  # keep what was fetched even when a later request fails
             io.write_jsonl(paths.teacher_cache, [cache[k] for k in sorted(cache)])
-        candidates = (Candidate(*a) for a in teacher.answers(prompts, cache, s.teacher))
+        candidates = (docs_qa.Candidate(*a) for a in teacher.answers(prompts, cache, s.teacher))
     if not Path(paths.teacher_cache).exists():
         io.write_jsonl(paths.teacher_cache, [])  # a declared (persisted) DVC out even when the teacher is not used
     tokenizer = modeling.load_tokenizer(paths.base_dir)

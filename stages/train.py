@@ -17,8 +17,6 @@ per-step `paths.train_curve`, all byte-identical for identical inputs on one mac
 from __future__ import annotations
 
 import contextlib
-import csv
-import io as stdio
 import json
 import os
 import shutil
@@ -29,7 +27,6 @@ from pathlib import Path
 from llmops import chat, checkpoints, config, hardware, io, log, modeling, packing, stage, tracking
 from llmops.stage import StageError
 
-CURVE_COLUMNS = ("step", "train_loss", "eval_loss", "lr")
 FINAL_FILES = {"metrics.json": "train_metrics", "curve.csv": "train_curve", "speed.json": "train_speed"}
 
 
@@ -39,24 +36,6 @@ def processes() -> tuple[int, bool]:
 
 
 # ---------------------------------------------------------------- model
-
-
-def check_target_modules(base_dir: Path, names: tuple[str, ...]) -> None:
-    """Every train.target_modules entry must name modules of the base model as peft matches them (the full name or
-    its last dotted parts): peft itself adapts whatever matches and stays silent about the rest."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with init_empty_weights():  # the module tree from config.json, no weights
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
-    modules = [n for n, _ in model.named_modules() if n]
-    bad = [t for t in names if not any(n == t or n.endswith(f".{t}") for n in modules)]
-    if bad:
-        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
-        raise StageError(
-            f"train.target_modules: {bad} match no module of {base_dir} (its linear layers: {', '.join(have)}); "
-            "fix the list in params.yaml (a missing comma joins two names into one)"
-        )
 
 
 def build_model(base_dir: Path, t: config.Train, compute_dtype: str, device_map, seed: int):
@@ -150,23 +129,6 @@ def training_args(t: config.Train, out: Path, seed: int, compute_dtype: str):
 # ---------------------------------------------------------------- outputs
 
 
-def curve_csv(log_history: list[dict], base_eval_loss: float) -> str:
-    """One row per optimizer step (+ step 0 = base model), from the Trainer's log history."""
-    rows: dict[int, dict] = {0: {"step": 0, "eval_loss": base_eval_loss}}
-    for e in log_history:
-        row = rows.setdefault(e["step"], {"step": e["step"]})
-        if "loss" in e:
-            row.update(train_loss=e["loss"], lr=e.get("learning_rate"))
-        if "eval_loss" in e:
-            row["eval_loss"] = e["eval_loss"]
-    buf = stdio.StringIO()
-    w = csv.DictWriter(buf, CURVE_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in (rows[s] for s in sorted(rows)):
-        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in CURVE_COLUMNS})
-    return buf.getvalue()
-
-
 def sort_adapter_config(folder: Path) -> None:
     """peft writes target_modules from a set, in an order that changes with PYTHONHASHSEED: sorted, the file (and
     so the adapter's DVC hash) depends on the params only."""
@@ -208,7 +170,7 @@ def main(params_file: str = "params.yaml") -> dict:
     val_rows = io.read_jsonl(files["val"])
     if not val_rows:
         raise StageError(f"{files['val']} is empty: eval needs a val split (preprocess.val_frac > 0)")
-    check_target_modules(base_dir, t.target_modules)
+    modeling.check_target_modules(base_dir, t.target_modules)
     run_params = {k: v for k, v in config.asdict(t).items() if k != "mlflow_experiment"}  # bookkeeping, not the model
     key = checkpoints.run_key(run_params, p.seed, max_len, base_dir, list(files.values()), world)
     root = Path(paths.checkpoint_dir)
@@ -309,7 +271,7 @@ def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list], compute:
             "base_provenance": modeling.read_provenance(base_dir),
             "seed": p.seed, "train": config.asdict(t), "eot_id": eot,
         })  # fmt: skip
-        io.write_text(tmp / "curve.csv", curve_csv(history, base_loss))
+        io.write_text(tmp / "curve.csv", tracking.curve_csv(history, base_loss))
         io.write_json(tmp / "metrics.json", metrics)
         io.write_json(tmp / "speed.json", speed)
     return {**metrics, **speed}

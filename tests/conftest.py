@@ -23,7 +23,11 @@ REPO_FILES = [
     "requirements-gpu.txt",
     "Makefile",
     "data/docs_snapshot.json",
+    "data/docs_qa.yaml",
+    "data/eval/qa.jsonl",
 ]
+# Git-tracked inputs a stage reads besides data/raw: write_params copies them next to its temp paths.
+TRACKED_INPUTS = ("synthetic_templates", "qa_set")
 REPO_DIRS = ["stages", "llmops", "serve", "configs", "data/raw", ".dvc"]
 
 
@@ -45,6 +49,12 @@ def write_params(tmp: Path, overrides: dict | None = None, base_dir: Path | None
         if key == "raw_dir" or "://" in value:
             continue
         p["paths"][key] = str(tmp / value)
+        if key in TRACKED_INPUTS:  # a copy outside tmp/data and tmp/metrics, which tests check stay untouched
+            copy = tmp / "tracked" / value
+            if not copy.exists():
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / value, copy)
+            p["paths"][key] = str(copy)
     p["paths"]["mlflow_uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
     p["preprocess"]["sources"] = [
         {**s, "path": str(ROOT / s["path"]) if not Path(s["path"]).is_absolute() else s["path"]}

@@ -164,3 +164,16 @@ def test_model_too_big_for_the_gpu(tmp_path, method, expect):
     # 16 GiB card with 12 GiB free: nf4 weights (~4.2 GiB) fit, bf16 (~15 GiB) do not, nor 0.9 x 16 GiB for vLLM.
     problems, _ = doctor.check(p, _fake_box([_gpu(0, "RTX 4080", 16.0, 12.0, bf16=True)]))
     assert [x.split(":")[0] for x in problems] == expect, problems
+
+
+def test_merge_needs_room_for_one_fp32_copy(tmp_path):
+    base = tmp_path / "base8b"
+    base.mkdir()
+    (base / "provenance.json").write_text(json.dumps({"parameters": 8_030_261_248}))
+    p = config.load(write_params(tmp_path, {"train.method": "qlora"}, base_dir=base), *SECTIONS)
+    # 8B params in fp32 are ~29.9 GiB: 12 GiB free VRAM + 16 GiB RAM are not enough, + 20 GiB RAM are.
+    gpu = [_gpu(0, "RTX 4080", 16.0, 12.0, bf16=True)]
+    small = [x for x in doctor.check(p, _fake_box(gpu, ram_gib=16.0))[0] if x.startswith("merge")]
+    assert small == ["merge: works in fp32: 8.0B params need ~29.9 GiB of free VRAM + RAM; merge on a bigger box "
+                     "(dvc repro merge there) or use a smaller base"]  # fmt: skip
+    assert not [x for x in doctor.check(p, _fake_box(gpu, ram_gib=20.0))[0] if x.startswith("merge")]

@@ -112,8 +112,12 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
     params, p = _pipeline(tmp_path, tiny_model_dir, "lora", 0.0)
     res = evaluate.main(str(params))
     d = res["delta"]
-    leaves = [v for k, v in d.items() if k not in ("en", "ko")] + [*d["en"].values(), *d["ko"].values()]
-    assert len(leaves) == 15 and all(v == 0.0 for v in leaves if v is not None)
+
+    def leaves(x):
+        return [w for v in x.values() for w in leaves(v)] if isinstance(x, dict) else [x]
+
+    # loss, perplexity, chrf, rouge_l, keyword_recall, qa.score: overall, en and ko
+    assert len(leaves(d)) == 18 and all(v == 0.0 for v in leaves(d) if v is not None)
     assert d["loss"] == 0.0 and d["chrf"] == 0.0
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
     assert len(samples) == 6 and all(s["base"] == s["tuned"] for s in samples)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmops import config, dedup, io, text
+from llmops import config, dedup, docs_qa, io, text
 from llmops.stage import StageError
 from stages import docs_snapshot, synthetic
 from tests.conftest import ROOT, free_port, write_params
@@ -65,7 +65,7 @@ def _setup(tmp: Path, base_dir: Path, overrides: dict | None = None, val_test: l
 
 
 TEMPLATES = yaml.safe_load((ROOT / "data" / "docs_qa.yaml").read_text(encoding="utf-8"))
-FACTS = synthetic.docs_facts(SNAPSHOT, TEMPLATES["skip"], TEMPLATES["ko"])
+FACTS = docs_qa.facts(SNAPSHOT, TEMPLATES["skip"], TEMPLATES["ko"])
 
 
 def _fact(kind: str, key: str) -> dict:
@@ -73,7 +73,7 @@ def _fact(kind: str, key: str) -> dict:
 
 
 def _candidates(phrasings: int = 2, seed: int = 0):
-    return synthetic.docs_candidates(FACTS, TEMPLATES, phrasings, seed)
+    return docs_qa.candidates(FACTS, TEMPLATES, phrasings, seed)
 
 
 # ---------------------------------------------------------------- docs snapshot
@@ -143,33 +143,38 @@ def test_docstring_args_parser():
 def test_docs_questions_are_asked_like_people_ask_and_answers_quote_the_snapshot():
     push = _fact("command", "dvc push")
     assert push["vars"]["intent"] == "upload tracked files or directories to remote storage"
-    rows = synthetic.render(push, "en", 6, 0)
+    rows = docs_qa.render(push, "en", TEMPLATES, 6, 0)
     assert {c.question for c in rows} >= {"How do I upload tracked files or directories to remote storage?",
                                           "Which DVC command do I use to upload tracked files or directories to remote storage?"}  # fmt: skip
     assert all(c.answer.startswith(("Use `dvc push`", "Run `dvc push`", "`dvc push`")) for c in rows)
     assert all("Upload tracked files or directories to remote storage." in c.answer for c in rows)
-    ko = synthetic.render(push, "ko", 5, 0)  # the hand translation of the documented summary, never English prose
+    ko = docs_qa.render(
+        push, "ko", TEMPLATES, 5, 0
+    )  # the hand translation of the documented summary, never English prose
     assert {c.question for c in ko} >= {"추적 중인 데이터를 원격 저장소에 올리려면 어떤 명령을 써야 하나요?"}
     assert all(TEMPLATES["ko"]["dvc push"]["desc"] in c.answer and "Upload" not in c.answer for c in ko)
     assert all(text.detect_lang(c.answer) == "ko" for c in ko)
     run = _fact("command", "dvc exp run")  # users type the alias, not `dvc experiments run`
     assert run["vars"]["name"] == "dvc exp run" and run["vars"]["cmd"] == "dvc experiments run"
-    queue = synthetic.render(_fact("option", "dvc exp run --queue"), "en", 4, 0)
-    assert any(c.question == "How do I stage this experiment for remote execution with `dvc exp run`?" for c in queue)
+    queue = docs_qa.render(_fact("option", "dvc exp run --queue"), "en", TEMPLATES, 4, 0)
+    assert any(
+        c.question == "How do I stage this experiment in the run queue for future execution with `dvc exp run`?"
+        for c in queue
+    )
     assert all("`--queue`" in c.answer or "`dvc exp run --queue`" in c.answer for c in queue)
-    assert not synthetic.render(_fact("command", "dvc cache"), "ko", 2, 0)  # no translation: no Korean rows
+    assert not docs_qa.render(_fact("command", "dvc cache"), "ko", TEMPLATES, 2, 0)  # no translation: no Korean rows
     assert not [f for f in FACTS if f["key"].startswith("mlflow traces")]  # left out by the templates' skip list
-    lora = synthetic.render(_fact("field", "peft.LoraConfig.lora_alpha"), "en", 2, 0)
+    lora = docs_qa.render(_fact("field", "peft.LoraConfig.lora_alpha"), "en", TEMPLATES, 2, 0)
     doc = next(f for a in SNAPSHOT["apis"] for f in a["fields"] if f["name"] == "lora_alpha")
-    assert all(synthetic.first_sentence(doc["help"]) in c.answer and "(type `int`, default `8`)" in c.answer
+    assert all(docs_qa.first_sentence(doc["help"]) in c.answer and "(type `int`, default `8`)" in c.answer
                for c in lora)  # fmt: skip
 
 
 def test_first_sentence_and_intent():
-    assert synthetic.first_sentence("Git revision (e.g. SHA, branch, tag)") == "Git revision (e.g. SHA, branch, tag)."
-    assert synthetic.first_sentence("Show status. Also compares caches.") == "Show status."
-    assert synthetic.intent("Hide failed experiments in the table.") == "hide failed experiments in the table"
-    assert synthetic.intent("Commands to run and compare experiments.") is None  # not a task: no "how do I"
+    assert docs_qa.first_sentence("Git revision (e.g. SHA, branch, tag)") == "Git revision (e.g. SHA, branch, tag)."
+    assert docs_qa.first_sentence("Show status. Also compares caches.") == "Show status."
+    assert docs_qa.intent("Hide failed experiments in the table.") == "hide failed experiments in the table"
+    assert docs_qa.intent("Commands to run and compare experiments.") is None  # not a task: no "how do I"
 
 
 def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model_dir):
@@ -179,7 +184,7 @@ def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model
     out = Path(p.paths.synthetic_train)
     rows, first = io.read_jsonl(out), out.read_bytes()
     assert m["rows"] == len(rows) == p.synthetic.max_rows
-    assert m["rows_by_lang"]["en"] > m["rows_by_lang"]["ko"] > 0.2 * m["rows"]
+    assert m["rows_by_lang"]["en"] >= m["rows_by_lang"]["ko"] > 0.2 * m["rows"]
     assert m["rows_by_kind"] == {"command": m["rows"]}  # commands first: the default budget holds only them
     assert sum(m["filtered"].values()) + m["rows"] == m["candidates"]
     assert m["tokens"]["total"] == sum(r["n_tokens"] for r in rows)
@@ -214,7 +219,7 @@ def test_grounding_of_every_candidate():
     """Every docs answer quotes its documented text's first sentence, or the hand translation of it."""
     for c in itertools.islice(_candidates(2, 0), 3000):
         assert c.grounding in SNAPSHOT_TEXT or json.dumps(c.grounding)[1:-1] in SNAPSHOT_TEXT
-        quoted = synthetic.first_sentence(c.grounding)
+        quoted = docs_qa.first_sentence(c.grounding)
         assert quoted in c.answer or (c.lang == "ko" and any(t["desc"] in c.answer for t in TEMPLATES["ko"].values()))
 
 
@@ -264,30 +269,28 @@ def _synthetic_params(**kw) -> config.Synthetic:
 @pytest.mark.parametrize(
     "cand, reason",
     [
-        (synthetic.Candidate("en", "Q?", "", "teacher:unparseable"), "unparseable"),
-        (synthetic.Candidate("en", "  ", "An answer that is long enough."), "empty"),
+        (docs_qa.Candidate("en", "Q?", "", "teacher:unparseable"), "unparseable"),
+        (docs_qa.Candidate("en", "  ", "An answer that is long enough."), "empty"),
         (
-            synthetic.Candidate("en", "How do I delete prod?", "I'm sorry, but I can't help with that request."),
+            docs_qa.Candidate("en", "How do I delete prod?", "I'm sorry, but I can't help with that request."),
             "refusal",
         ),
         (
-            synthetic.Candidate("ko", "프로덕션을 지워도 되나요?", "죄송하지만 그 요청에는 답변할 수 없습니다."),
+            docs_qa.Candidate("ko", "프로덕션을 지워도 되나요?", "죄송하지만 그 요청에는 답변할 수 없습니다."),
             "refusal",
         ),
-        (synthetic.Candidate("en", "What is DVC?", "A tool."), "too_short"),
-        (synthetic.Candidate("en", "What is DVC?", "Data versioning. " * 20), "too_long"),
+        (docs_qa.Candidate("en", "What is DVC?", "A tool."), "too_short"),
+        (docs_qa.Candidate("en", "What is DVC?", "Data versioning. " * 20), "too_long"),
         (
-            synthetic.Candidate("ko", "DVC가 뭐예요?", "DVC is a data version control tool for ML projects."),
+            docs_qa.Candidate("ko", "DVC가 뭐예요?", "DVC is a data version control tool for ML projects."),
             "wrong_lang",
         ),
         (
-            synthetic.Candidate("en", "What is DVC?", "DVC는 머신러닝 프로젝트를 위한 데이터 버전 관리 도구입니다."),
+            docs_qa.Candidate("en", "What is DVC?", "DVC는 머신러닝 프로젝트를 위한 데이터 버전 관리 도구입니다."),
             "wrong_lang",
         ),
         (
-            synthetic.Candidate(
-                "ko", "`dvc push`는 무엇을 하나요?", "`dvc push` 명령은 캐시를 원격 저장소로 올립니다."
-            ),
+            docs_qa.Candidate("ko", "`dvc push`는 무엇을 하나요?", "`dvc push` 명령은 캐시를 원격 저장소로 올립니다."),
             None,
         ),
     ],
@@ -303,7 +306,7 @@ def test_dedup_filters(base_model_dir):
     gc = "It removes unused objects from the cache and from remote storage, keeping only what the current workspace, "
     seed_rows = [_row(_qa("What does dvc gc do?", gc + "branches or tags still reference."))]
     a = "It uploads tracked files or directories to the configured remote storage."
-    C = synthetic.Candidate
+    C = docs_qa.Candidate
     cands = [
         C("en", "What does `dvc push` do?", a),  # kept
         C("en", "What does `dvc push` do?", a),  # exact_dup
@@ -334,9 +337,9 @@ def test_dedup_filters(base_model_dir):
 
 def test_docs_seeded_teacher_answers_may_not_invent_flags():
     context = "`dvc push` option `-r, --remote <name>`: Remote storage to push to"
-    ok = synthetic.Candidate("en", "How do I pick the remote?", "Pass `-r <name>` (or `--remote`).", "teacher:docs",
+    ok = docs_qa.Candidate("en", "How do I pick the remote?", "Pass `-r <name>` (or `--remote`).", "teacher:docs",
                              context)  # fmt: skip
-    invented = synthetic.Candidate("en", "How do I pick the remote?", "Pass `--target-remote <name>` to choose it.",
+    invented = docs_qa.Candidate("en", "How do I pick the remote?", "Pass `--target-remote <name>` to choose it.",
                                    "teacher:docs", context)  # fmt: skip
     assert synthetic.row_reason(ok, _synthetic_params()) is None
     assert synthetic.row_reason(invented, _synthetic_params()) == "ungrounded_flag"
@@ -447,7 +450,7 @@ def test_teacher_caches_responses_and_reruns_make_no_requests(tmp_path, base_mod
         params = _setup(tmp_path, base_model_dir, _teacher_overrides(url, "fake-teacher", 8))
         m = synthetic.main(str(params))
         assert FakeTeacher.chat_requests == 8 and m["run"] == {"teacher_requests": 8, "teacher_cache_hits": 0}
-        assert m["rows_by_generator"] == {"synthetic:teacher": m["rows"]} and m["rows"] >= 6
+        assert m["generator"] == "teacher" and m["rows"] >= 6
         assert m["rows_by_lang"].keys() == {"en", "ko"}
         p = config.load(params, "synthetic")
         out, cache = Path(p.paths.synthetic_train), Path(p.paths.teacher_cache)
