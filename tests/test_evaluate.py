@@ -93,6 +93,26 @@ def test_a_qa_keyword_inside_its_question_is_refused(tmp_path):
         evaluate.qa_items(bad, "data/eval/qa.jsonl")
 
 
+@pytest.mark.parametrize("native, want", [(False, "float32"), (True, "bfloat16")])
+def test_vllm_generates_in_the_dtype_make_serve_runs(tmp_path, tiny_model_dir, monkeypatch, native, want):
+    """bf16 weights are served in fp32 on a CPU that only emulates bf16 (serve.launcher.serving_dtype), and
+    evaluate scores what is served: the same dtype, not the ~20x slower emulated one."""
+    from serve import launcher
+
+    params, _ = _pipeline(tmp_path, tiny_model_dir, "lora", 0.0, **{"evaluate.engine": "vllm"})
+    seen = []
+
+    def fake_vllm(model_dir, prompts, eos, defaults, max_new, dtype, seed):
+        seen.append(dtype)
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(evaluate, "generate_vllm", fake_vllm)
+    monkeypatch.setenv("LLMOPS_NATIVE_BF16", str(int(native)))
+    res = evaluate.main(str(params))
+    assert seen and set(seen) == {want} == {res["compute"]["generate_dtype"]}
+    assert launcher.serving_dtype("auto", "cpu") == ("auto" if native else "float32")
+
+
 def test_repo_qa_set_is_held_out_from_the_training_questions():
     """Every QA row is well-formed, its keywords are not in its question, and no question is a near copy of a
     training question (character 5-gram Jaccard < 0.5 against every user turn of the seed data)."""
