@@ -105,10 +105,13 @@ def generate_hf(model, prompts: list[list[int]], eos: list[int], defaults: dict,
 
 
 @contextlib.contextmanager
-def _proxies_hidden():
-    """vLLM's CPU engine start scans the globals of every loaded module (Triton kernel overrides); an unbound
-    flask/werkzeug context proxy there (flask is loaded once mlflow's server CLI was imported in this process)
-    raises on the first attribute probe. Such modules are out of sys.modules while the engine starts."""
+def _engine_scope():
+    """What vLLM's in-process CPU engine changes for the whole process, put back when it is done: its worker
+    replaces `torch.set_num_threads` with a no-op (later loss passes, and tests, could no longer set threads), and
+    its start scans the globals of every loaded module (Triton kernel overrides), where an unbound flask/werkzeug
+    context proxy (flask is loaded once mlflow's server CLI was imported) raises: such modules are out of
+    sys.modules while the engine starts."""
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     local = sys.modules.get("werkzeug.local")
     hidden = {}
     if local is not None:
@@ -119,6 +122,8 @@ def _proxies_hidden():
         yield
     finally:
         sys.modules.update(hidden)
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
 
 
 def generate_vllm(model_dir: Path, prompts: list[list[int]], eos: list[int], defaults: dict, max_new: int,
@@ -128,16 +133,16 @@ def generate_vllm(model_dir: Path, prompts: list[list[int]], eos: list[int], def
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: a 5 s start, not 60
     from vllm import LLM, SamplingParams
 
-    with _proxies_hidden():
+    with _engine_scope():
         llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max(map(len, prompts)) + max_new,
                   enforce_eager=not torch.cuda.is_available())  # fmt: skip  # CPU: compile warm-up costs more than it saves
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_new, stop_token_ids=eos, **defaults)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=max_new, stop_token_ids=eos, **defaults)
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
     return [until_eos(list(o.outputs[0].token_ids), eos) for o in outs]
 
 

@@ -46,3 +46,8 @@ def test_root_commands_exist_in_makefile():
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     for cmd in re.findall(r"^make ([\w-]+)", root, re.M):
         assert cmd in targets, f"root CLAUDE.md documents `make {cmd}` but the Makefile has no such target"
+
+
+def test_stages_stay_one_screen_as_stages_claude_md_says():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "stages").glob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 300} == {}

@@ -166,7 +166,14 @@ def test_vllm_engine_answers_like_hf_generate(base_model_dir):
     questions = ("How do I push DVC-tracked data to a remote?", "LoRA의 rank는 무엇을 조절하나요?")
     prompts = [chat.prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
     eos, defaults = evaluate.sampling_defaults(base_model_dir)
+    threads = torch.get_num_threads()
     served = evaluate.generate_vllm(base_model_dir, prompts, eos, defaults, max_new=12, dtype="bfloat16", seed=0)
+    # the engine is gone and so is its grip on the process: torch threads can be set again (its CPU worker
+    # replaces torch.set_num_threads with a no-op), and the count is what it was
+    assert torch.get_num_threads() == threads
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
     model = modeling.load_model(base_model_dir, quantize_4bit=False, dtype="bfloat16", device_map="cpu").eval()
     local = evaluate.generate_hf(model, prompts, eos, defaults, max_new=12, bs=2)
     assert all(len(s) == 12 for s in served)  # no premature stop, max_new_tokens honoured
