@@ -55,6 +55,7 @@ class Paths(Section):
     data_metrics: StrictStr
     docs_snapshot: StrictStr
     synthetic_templates: StrictStr
+    synthetic_facts: StrictStr
     synthetic_train: StrictStr
     teacher_cache: StrictStr
     synthetic_metrics: StrictStr
@@ -107,6 +108,8 @@ class DocsGenerator(Section):
     """Dotted public APIs whose docstrings are mined (e.g. `peft.LoraConfig`)."""
     phrasings: StrictInt = Field(ge=1, le=10)
     """Question phrasings per fact and language (capped by the templates a fact kind has)."""
+    curated_phrasings: StrictInt = Field(ge=1, le=10)
+    """The same for the hand-written facts (`paths.synthetic_facts`)."""
 
 
 class TeacherGenerator(Section):
@@ -179,12 +182,26 @@ class Train(Section):
         return self
 
 
+class Generation(Section):
+    """Served sampling defaults: vLLM takes each from generation_config.json when a request leaves it out."""
+
+    temperature: Num = Field(ge=0.0)
+    """0 = greedy."""
+    top_p: Num = Field(gt=0.0, le=1.0)
+    repetition_penalty: Num = Field(ge=1.0)
+    """> 1 discourages tokens already in the prompt or reply; evaluate's greedy decoding applies it too."""
+    max_new_tokens: StrictInt = Field(ge=1)
+    """Default reply budget (a request's max_tokens overrides it)."""
+
+
 class Merge(Section):
     base_weights: Literal["original", "dequantized"]
     """16-bit weights the adapter is merged into: the base's own, or nf4-quantized then dequantized."""
     parity_samples: StrictInt = Field(ge=1)
     max_kl: Num = Field(gt=0.0)
     """The merge gate: mean KL(unmerged ‖ merged) per assistant position, computed in fp32 on any machine."""
+    generation: Generation
+    """Sampling defaults saved in the merged model's generation_config.json (what serving answers with)."""
 
 
 class Evaluate(Section):

@@ -1,6 +1,8 @@
-"""The offline docs Q&A generator: facts mined from the docs snapshot (commands, options, API fields), rendered
-through the phrasings in `paths.synthetic_templates` into questions people ask and answers that quote the
-documentation (or its hand translation). Deterministic for a seed. Used by the synthetic stage."""
+"""The offline docs Q&A generator: hand-written facts (`paths.synthetic_facts`: the commands, flags and APIs people
+ask about, in their words, both languages) and facts mined from the docs snapshot (commands, options, API fields),
+rendered through the phrasings in `paths.synthetic_templates` into questions people ask and answers that state
+the fact (or quote the documentation, or its hand translation). Deterministic for a seed. Used by the synthetic
+stage."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import random
 import re
 import string
 from dataclasses import dataclass
+
+from llmops.stage import StageError
 
 LANGS = ("en", "ko")
 TOOLS = {"dvc": "DVC", "mlflow": "MLflow"}
@@ -25,6 +29,12 @@ class Candidate:
     answer: str
     kind: str = ""
     grounding: str = ""  # the documented text the answer quotes (docs), or the teacher's context
+
+
+# A hand-written fact: what it is (`what`, named in answers) and the Korean noun with its object particle.
+CURATED_KEYS = ("name", "what", "tool", "intents", "summary", "goals", "desc")
+WHAT_KO = {"command": "명령을", "option": "옵션을", "function": "함수를", "method": "메서드를", "class": "클래스를",
+           "argument": "인자를", "file": "파일을", "setting": "설정을", "env_var": "환경 변수를", "concept": "개념을"}  # fmt: skip
 
 
 def _names(command: str, aliases: dict[str, list[str]]) -> str:
@@ -84,6 +94,60 @@ def facts(snap: dict, skip: list[str], ko: dict[str, dict]) -> list[dict]:
     return facts
 
 
+def curated_facts(entries, source: str) -> list[dict]:
+    """The hand-written facts as generator facts (kind `curated`; `intent`/`goal` are lists, one per phrasing).
+    Every problem at once, each naming the entry and key."""
+    if not isinstance(entries, list):
+        raise StageError(f"{source}: expected a YAML list of facts (name, what, tool, intents, summary, goals, desc)")
+    problems, facts, seen = [], [], set()
+    for i, e in enumerate(entries):
+        where = f"{source}: entry {i}" + (f" ({e['name']})" if isinstance(e, dict) and e.get("name") else "")
+        if not isinstance(e, dict):
+            problems.append(f"{where}: not a mapping")
+            continue
+        bad = [f"missing or empty `{k}`" for k in CURATED_KEYS if not e.get(k)]
+        bad += [f"unknown key `{k}`" for k in sorted(set(e) - set(CURATED_KEYS))]
+        if e.get("what") and e["what"] not in WHAT_KO:
+            bad.append(f"`what` is {e['what']!r}, expected one of {', '.join(WHAT_KO)}")
+        for k in ("intents", "goals"):
+            if e.get(k) and not (isinstance(e[k], list) and all(isinstance(x, str) and x.strip() for x in e[k])):
+                bad.append(f"`{k}` must be a list of non-empty strings")
+        if e.get("name") in seen:
+            bad.append("duplicate `name` (one fact per entry)")
+        seen.add(str(e.get("name")))
+        if bad:
+            problems += [f"{where}: {b}" for b in bad]
+            continue
+        facts.append({"kind": "curated", "key": e["name"], "grounding": e["summary"].strip(),
+                      "vars": {"name": e["name"], "what": e["what"].replace("_", " "), "tool_title": e["tool"],
+                               "intent": [x.strip() for x in e["intents"]],
+                               "task": [_second_person(x.strip()) for x in e["intents"]], "summary": e["summary"].strip()},
+                      "ko": {"goal": [x.strip() for x in e["goals"]], "desc": _ko_first_sentence(e["desc"]),
+                             "what_obj": WHAT_KO[e["what"]]}})  # fmt: skip
+    if problems:
+        raise StageError(f"{len(problems)} problem(s) in {source}; fix them and rerun:\n  " + "\n  ".join(problems))
+    return facts
+
+
+def _second_person(intent: str) -> str:
+    """The user's words for the task as the answer says them back ("upload my data" → "upload your data")."""
+    for a, b in (
+        (r"\bI'm\b", "you're"),
+        (r"\bI\b", "you"),
+        (r"\bmy\b", "your"),
+        (r"\bme\b", "you"),
+        (r"\bmine\b", "yours"),
+    ):
+        intent = re.sub(a, b, intent)
+    return intent
+
+
+def _ko_first_sentence(desc: str) -> str:
+    """A Korean answer states the fact's first sentence only: Korean costs ~2 tokens a syllable here, and a second
+    phrasing of the question teaches more per token than a longer answer."""
+    return re.split(r"(?<=[다요])\.\s", desc.strip(), maxsplit=1)[0].rstrip(".") + "."
+
+
 def _option_notes(options: list[dict], name: str, ko: dict[str, dict]) -> dict:
     """The command's first two documented options as a sentence ({options}), and, where they are translated, a
     Korean one ({ko_options}): what makes an answer more than a one-liner, still in the documentation's words."""
@@ -111,28 +175,33 @@ def _fields(template: str) -> set[str]:
 
 def render(fact: dict, lang: str, templates: dict, phrasings: int, seed: int) -> list[Candidate]:
     """Up to `phrasings` question phrasings (seeded per fact), each with an answer phrasing of its own; only
-    phrasings whose every {field} the fact has."""
+    phrasings whose every {field} the fact has. A list-valued field (a curated fact's intents) gives phrasing i
+    its i-th entry, so the phrasings of one fact ask in different words."""
     kind = templates.get(fact["kind"], {}).get(lang)
     if kind is None or (lang == "ko" and not fact["ko"]):
         return []
     v = {**fact["vars"], **(fact["ko"] or {})}
     questions = [q for q in kind["questions"] if _fields(q) <= v.keys()]
     answers = [a for a in kind["answers"] if _fields(a) <= v.keys()]
-    richest = max(len(_fields(a)) for a in answers)  # the fullest answer the fact supports
-    answers = [a for a in answers if len(_fields(a)) == richest]
+    if fact["kind"] != "curated":  # mined facts: the fullest answer the fact supports; curated ones have every field
+        richest = max(len(_fields(a)) for a in answers)
+        answers = [a for a in answers if len(_fields(a)) == richest]
     rng = random.Random(f"{seed}:{fact['key']}:{lang}")
-    return [
-        Candidate(lang, q.format(**v), rng.choice(answers).format(**v), fact["kind"], fact["grounding"])
-        for q in rng.sample(questions, min(phrasings, len(questions)))
-    ]
+    out = []
+    for i, q in enumerate(rng.sample(questions, min(phrasings, len(questions)))):
+        vi = {k: x[i % len(x)] if isinstance(x, list) else x for k, x in v.items()}
+        out.append(Candidate(lang, q.format(**vi), rng.choice(answers).format(**vi), fact["kind"], fact["grounding"]))
+    return out
 
 
-def candidates(facts: list[dict], templates: dict, phrasings: int, seed: int):
-    """Commands first (what a user asks most), then options, then API fields; translated facts first within each
-    kind (they give both languages); a seeded shuffle otherwise; both languages per fact."""
-    order = {"command": 0, "option": 1, "field": 2}
+def candidates(facts: list[dict], templates: dict, phrasings: int, seed: int, curated_phrasings: int | None = None):
+    """Hand-written facts first (the ones people ask most, `curated_phrasings` each), then mined commands, options
+    and API fields; translated facts first within each kind (they give both languages); a seeded shuffle
+    otherwise; both languages per fact."""
+    order = {"curated": 0, "command": 1, "option": 2, "field": 3}
     facts = sorted(facts, key=lambda f: f["key"])
     random.Random(f"{seed}:facts").shuffle(facts)
     for fact in sorted(facts, key=lambda f: (order[f["kind"]], f["ko"] is None)):  # stable: the shuffle stays
         for lang in LANGS:
-            yield from render(fact, lang, templates, phrasings, seed)
+            n = curated_phrasings if fact["kind"] == "curated" and curated_phrasings else phrasings
+            yield from render(fact, lang, templates, n, seed)

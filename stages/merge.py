@@ -66,11 +66,16 @@ def merge_adapter(base, adapter_dir: Path):
     return with_adapter(base, adapter_dir).merge_and_unload(safe_merge=True)
 
 
-def save_merged(model, tokenizer, eot_id: int, dtype: str, out: Path) -> list[int]:
-    """`dtype` safetensors + tokenizer/template + a generation config whose eos ids include end-of-turn."""
+def save_merged(model, tokenizer, eot_id: int, dtype: str, out: Path, g: config.Generation) -> list[int]:
+    """`dtype` safetensors + tokenizer/template + a generation config whose eos ids include end-of-turn and
+    whose sampling defaults are `merge.generation` (vLLM answers with them when a request leaves one out)."""
     model.to(modeling.torch_dtype(dtype))  # one rounding, after W + BA was summed in fp32
     model.config.dtype = dtype
     eos = modeling.set_stop_ids(model, eot_id)
+    gen = model.generation_config
+    gen.do_sample = g.temperature > 0  # transformers refuses to save temperature/top_p on a greedy config
+    gen.temperature, gen.top_p = (g.temperature, g.top_p) if gen.do_sample else (None, None)
+    gen.repetition_penalty, gen.max_new_tokens = g.repetition_penalty, g.max_new_tokens
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return eos
@@ -148,7 +153,7 @@ def main(params_file: str = "params.yaml") -> dict:
 
     base16 = lambda: load_base16(base_dir, m.base_weights, prov)  # noqa: E731
     with io.atomic_dir(paths.merged_dir) as staging:
-        eos = save_merged(merge_adapter(base16(), adapter_dir), tokenizer, eot, dtype, staging)
+        eos = save_merged(merge_adapter(base16(), adapter_dir), tokenizer, eot, dtype, staging, m.generation)
         got = scored(lambda: modeling.load_model(staging, quantize_4bit=False, dtype=PARITY_DTYPE).eval(), "merged")
         unmerged = scored(lambda: with_adapter(base16(), adapter_dir), "unmerged")
         figures = {"vs_unmerged": compare(unmerged, got)}

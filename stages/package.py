@@ -25,6 +25,7 @@ from llmops import chat, config, io, log, modeling, stage
 from llmops.stage import StageError
 
 MANIFEST, CARD, TEMPLATE, GENCONFIG = "manifest.json", "MODEL_CARD.md", "chat_template.jinja", "generation_config.json"
+SAMPLING = ("temperature", "top_p", "repetition_penalty", "max_new_tokens")  # the generation_config keys vLLM reads
 # Everything that decides the weights and the reported metrics; `paths` is left out so the digest is the same
 # wherever the pipeline ran, `serve` because serving settings never change what was built.
 DIGEST_SECTIONS = ("base", "preprocess", "synthetic", "train", "merge", "package")
@@ -65,6 +66,8 @@ def serving_defaults(merged: Path, pkg: config.Package, tokenizer) -> dict:
         "eos_token_id": eos,
         "end_of_turn_id": eot,
         "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+        # what vLLM answers with when a request leaves a field out (merge.generation); absent = vLLM's neutral default
+        "sampling": {k: gen[k] for k in SAMPLING if k in gen},
     }
 
 
@@ -143,6 +146,8 @@ def model_card(p: config.Params, base_prov: dict, serving: dict, metrics: dict, 
         f"- served model name `{serving['served_model_name']}`, max model len {serving['max_model_len']}",
         f"- chat template `{TEMPLATE}` (passed to vLLM with --chat-template); stops on eos ids"
         f" {serving['eos_token_id']} from `{GENCONFIG}` (end of turn {serving['end_of_turn_id']})",
+        "- sampling defaults for fields a request leaves out: "
+        + (", ".join(f"{k} {v}" for k, v in serving["sampling"].items()) or "vLLM's (temperature 1.0)"),
         "- `make serve` (or `python -m serve`) verifies every file against `manifest.json`, then starts vLLM;"
         " `python -m serve smoke` checks a live endpoint",
         "",

@@ -5,10 +5,11 @@
 Generators (`synthetic.generator`):
   docs     (default; offline, deterministic; llmops.docs_qa) questions shaped like the ones people ask ("How do I upload tracked
            files or directories to remote storage?", "Which flag of `dvc push` ...?") answered by the command,
-           option or field that does it, in the words of its documentation: every answer quotes
-           `paths.docs_snapshot` (or, in Korean, the hand translation of that text in `paths.synthetic_templates`;
-           commands without one get no Korean rows). Phrasings come from that data file, several per kind and
-           language, picked per fact by the seed; commands first, then options, then API fields.
+           option or field that does it. First the hand-written en/ko facts of `paths.synthetic_facts` (what
+           people ask most, in their words), then facts mined from `paths.docs_snapshot`, answered in the words of
+           the documentation (or, in Korean, its hand translation in `paths.synthetic_templates`; commands without
+           one get no Korean rows). Phrasings come from the templates file, several per kind and language, picked
+           per fact by the seed; curated facts first, then commands, options, API fields.
   teacher  self-instruct through any OpenAI-compatible endpoint (llmops.teacher), cached in `paths.teacher_cache`.
 Filters, counted in `paths.synthetic_metrics`: empty, refusal, answer length, language, flags a docs-seeded
 teacher answer invents, exact and near duplicates (llmops.dedup) against every processed split, the held-out QA
@@ -37,6 +38,9 @@ REFUSAL = re.compile(r"\b(I'?m sorry|I am sorry|I can(?:no|')t|I am unable|I'm u
                      r"답변(?:할|을 드릴) 수 없", re.IGNORECASE)  # fmt: skip
 FLAG = re.compile(r"(?<![\w./=-])--?[A-Za-z][\w-]*")  # a command-line flag mentioned in prose
 BATCH = 256
+# A question this similar (character 5-gram Jaccard) to a held-out QA question is dropped, whatever
+# near_dup_threshold says: the QA set must stay phrased apart from training (the bound its test checks).
+HELDOUT_SIMILARITY = 0.5
 
 
 # ---------------------------------------------------------------- filters
@@ -66,7 +70,7 @@ def select(candidates, seed_rows: list[dict], heldout: list[str], s: config.Synt
     """Greedy in candidate order: keep a row unless it fails a filter; stop at max_rows.
 
     Near duplicates: against seed data (every processed split) when the question or the whole conversation is
-    >= threshold similar, against the held-out QA questions by the question; within the synthetic set when
+    >= threshold similar, against the held-out QA questions by the question (>= HELDOUT_SIMILARITY); within the synthetic set when
     question and answer both are (several phrasings of one fact, which may share an answer, are kept on purpose).
     """
     t, eot = s.near_dup_threshold, chat.end_of_turn_id(tokenizer)
@@ -83,7 +87,7 @@ def select(candidates, seed_rows: list[dict], heldout: list[str], s: config.Synt
         qm, am = dedup.shingles([c.question for c in batch]), dedup.shingles([c.answer for c in batch])
         near_seed = dedup.near_any(qm, seed_q, t) | dedup.near_any(
             dedup.shingles([f"{c.question}\n{c.answer}" for c in batch]), seed_full, t)  # fmt: skip
-        near_held = dedup.near_any(qm, held, t)
+        near_held = dedup.near_any(qm, held, min(t, HELDOUT_SIMILARITY))
         near_kept = (dedup.jaccard(qm, kept_q) >= t).multiply(dedup.jaccard(am, kept_a) >= t).getnnz(axis=1) > 0
         near_batch = (dedup.jaccard(qm, qm) >= t).multiply(dedup.jaccard(am, am) >= t).toarray()
         taken, kept_ids = [], {r["id"] for r in kept}
@@ -128,16 +132,19 @@ def main(params_file: str = "params.yaml") -> dict:
             raise StageError(f"{f} missing: run `dvc repro preprocess` (or python -m stages.preprocess) first")
         splits[name] = io.read_jsonl(f)
     for f, fix in ((paths.docs_snapshot, "dvc repro docs_snapshot"), (paths.synthetic_templates, "git checkout it"),
-                   (paths.qa_set, "git checkout it")):  # fmt: skip
+                   (paths.synthetic_facts, "git checkout it"), (paths.qa_set, "git checkout it")):  # fmt: skip
         if not Path(f).exists():
             raise StageError(f"{f} missing: {fix}")
     snap = io.read_json(paths.docs_snapshot)
     templates = yaml.safe_load(Path(paths.synthetic_templates).read_text(encoding="utf-8"))
     heldout = [r["question"] for r in io.read_jsonl(paths.qa_set)]
-    facts = docs_qa.facts(snap, templates.get("skip") or [], templates.get("ko") or {})
+    curated = docs_qa.curated_facts(
+        yaml.safe_load(Path(paths.synthetic_facts).read_text(encoding="utf-8")), paths.synthetic_facts
+    )
+    facts = curated + docs_qa.facts(snap, templates.get("skip") or [], templates.get("ko") or {})
     stats = teacher.TeacherStats()
     if s.generator == "docs":
-        candidates = docs_qa.candidates(facts, templates, s.docs.phrasings, p.seed)
+        candidates = docs_qa.candidates(facts, templates, s.docs.phrasings, p.seed, s.docs.curated_phrasings)
     else:
         cache = {e["key"]: e for e in io.read_jsonl(paths.teacher_cache)} if Path(paths.teacher_cache).exists() else {}
         seeds = [{"lang": c.lang, "question": c.question, "context": c.grounding}

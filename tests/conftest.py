@@ -24,10 +24,11 @@ REPO_FILES = [
     "Makefile",
     "data/docs_snapshot.json",
     "data/docs_qa.yaml",
+    "data/facts.yaml",
     "data/eval/qa.jsonl",
 ]
 # Git-tracked inputs a stage reads besides data/raw: write_params copies them next to its temp paths.
-TRACKED_INPUTS = ("synthetic_templates", "qa_set")
+TRACKED_INPUTS = ("synthetic_templates", "synthetic_facts", "qa_set")
 REPO_DIRS = ["stages", "llmops", "serve", "configs", "data/raw", ".dvc"]
 
 

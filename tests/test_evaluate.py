@@ -115,8 +115,10 @@ def test_vllm_generates_in_the_dtype_make_serve_runs(tmp_path, tiny_model_dir, m
 
 def test_repo_qa_set_is_held_out_from_the_training_questions():
     """Every QA row is well-formed, its keywords are not in its question, and no question is a near copy of a
-    training question (character 5-gram Jaccard < 0.5 against every user turn of the seed data)."""
+    training question (character 5-gram Jaccard < 0.5 against every user turn of the seed data and, through the
+    synthetic stage's filter, of the synthetic rows)."""
     from llmops import dedup
+    from stages import synthetic
     from tests.conftest import ROOT, repo_params
 
     rows = io.read_jsonl(ROOT / repo_params()["paths"]["qa_set"])
@@ -126,6 +128,7 @@ def test_repo_qa_set_is_held_out_from_the_training_questions():
             for m in r["messages"] if m["role"] == "user"]  # fmt: skip
     sims = dedup.jaccard(dedup.shingles([r["question"] for r in rows]), dedup.shingles(seed))
     assert sims.max() < 0.5
+    assert synthetic.HELDOUT_SIMILARITY <= 0.5  # and no synthetic question comes closer than that either
 
 
 def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):

@@ -45,6 +45,9 @@ def test_merge_writes_contract_and_matches_unmerged(tmp_path, tiny_model_dir, ql
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     gen = json.loads((out / "generation_config.json").read_text())
     assert 2 in gen["eos_token_id"]  # <|im_end|>: the served model stops at end of turn
+    g = p.merge.generation  # the served sampling defaults (vLLM takes them for fields a request leaves out)
+    assert (gen["do_sample"], gen["temperature"], gen["top_p"], gen["repetition_penalty"], gen["max_new_tokens"]) == (
+        g.temperature > 0, g.temperature, g.top_p, g.repetition_penalty, g.max_new_tokens)  # fmt: skip
     prov = json.loads((out / "merge_provenance.json").read_text())
     assert prov["method"] == "qlora" and prov["base_weights"] == "original"
     # 16-bit, and the adapter really was folded in
@@ -65,6 +68,17 @@ def test_merge_writes_contract_and_matches_unmerged(tmp_path, tiny_model_dir, ql
     assert m["vs_unmerged"]["loss_diff"] == pytest.approx(loss["merged"] - loss["unmerged"])
     assert m["vs_trained"]["loss_diff"] == pytest.approx(loss["merged"] - loss["trained"])
     assert json.loads((tmp_path / "metrics" / "merge.json").read_text()) == json.loads(json.dumps(m))
+
+
+def test_greedy_serving_default_saves_a_valid_greedy_config(tmp_path, tiny_model_dir, qlora_adapter):
+    from transformers import GenerationConfig
+
+    params, _ = _params(tmp_path, tiny_model_dir, qlora_adapter, **{"merge.generation.temperature": 0})
+    merge.main(str(params))
+    out = tmp_path / "models" / "merged"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["do_sample"] is False and "temperature" not in gen and "top_p" not in gen
+    assert GenerationConfig.from_pretrained(out).repetition_penalty == gen["repetition_penalty"]
 
 
 def test_corrupted_merge_fails_and_keeps_previous_merged_dir(tmp_path, tiny_model_dir, qlora_adapter, monkeypatch):

@@ -51,6 +51,7 @@ def test_manifest_lists_every_file_with_exact_hash_and_size(tmp_path, tiny_model
         "eos_token_id": [2],
         "end_of_turn_id": 2,
         "dtype": "bfloat16",
+        "sampling": {},  # the tiny model's generation_config has none; merge writes merge.generation's
     }
     base_prov = json.loads((tiny_model_dir / "provenance.json").read_text())
     assert manifest["base"] == {k: v for k, v in base_prov.items() if k != "files"}

@@ -22,7 +22,7 @@ import yaml
 from llmops import config, dedup, docs_qa, io, text
 from llmops.stage import StageError
 from stages import docs_snapshot, synthetic
-from tests.conftest import ROOT, free_port, write_params
+from tests.conftest import ROOT, free_port, repo_params, write_params
 
 SNAPSHOT = json.loads((ROOT / "data" / "docs_snapshot.json").read_text(encoding="utf-8"))
 SNAPSHOT_TEXT = json.dumps(SNAPSHOT, ensure_ascii=False)
@@ -170,6 +170,67 @@ def test_docs_questions_are_asked_like_people_ask_and_answers_quote_the_snapshot
                for c in lora)  # fmt: skip
 
 
+PUSH_FACT = {
+    "name": "dvc push", "what": "command", "tool": "DVC",
+    "intents": ["upload my DVC-tracked data to remote storage", "share the data tracked by DVC through the remote"],
+    "summary": "Uploads tracked files from the cache to the default remote; `-r NAME` picks another.",
+    "goals": ["DVC로 추적 중인 데이터를 원격 저장소에 올리려면", "팀원들과 DVC 데이터를 공유하려면"],
+    "desc": "캐시에 있는 추적 파일을 기본 원격 저장소로 업로드합니다. 다른 원격은 `-r 이름`으로 고릅니다.",
+}  # fmt: skip
+
+
+def test_curated_facts_are_asked_in_the_users_words_in_both_languages():
+    [fact] = docs_qa.curated_facts([PUSH_FACT], "facts.yaml")
+    en = docs_qa.render(fact, "en", TEMPLATES, 2, 0)
+    ko = docs_qa.render(fact, "ko", TEMPLATES, 2, 0)
+    assert len(en) == len(ko) == 2
+    assert len({c.question for c in en}) == 2 and len({c.question for c in ko}) == 2
+    intents = [i for c in en for i in PUSH_FACT["intents"] if i in c.question]
+    assert len(intents) == len(set(intents))  # two phrasings never repeat one intent
+    assert all("`dvc push`" in c.answer and PUSH_FACT["summary"] in c.answer for c in en)
+    assert all("`dvc push` 명령을 " in c.answer and "원격 저장소로 업로드합니다." in c.answer
+               and "`-r 이름`" not in c.answer for c in ko)  # desc's first sentence only: ~2 tokens a syllable  # fmt: skip
+    # answers say the user's task back in the second person, in the same words as the question asked it
+    said_back = [c for c in en if c.answer.startswith("To ")]
+    assert all(c.answer.split(",")[0][3:].replace("your", "my") in c.question for c in said_back)
+    assert all(text.detect_lang(c.question) == text.detect_lang(c.answer) == "ko" for c in ko)
+    # curated facts come first, then the mined commands
+    kinds = [c.kind for c in itertools.islice(docs_qa.candidates([*FACTS, fact], TEMPLATES, 2, 0, 3), 8)]
+    assert kinds[:6] == ["curated"] * 6 and kinds[6] == "command"  # curated_phrasings=3: 3 en + 3 ko rows
+
+
+def test_repo_facts_are_valid_and_render_in_both_languages():
+    entries = yaml.safe_load((ROOT / repo_params()["paths"]["synthetic_facts"]).read_text(encoding="utf-8"))
+    facts = docs_qa.curated_facts(entries, "data/facts.yaml")
+    assert len(facts) >= 100
+    for f in facts:
+        for lang in docs_qa.LANGS:
+            rows = docs_qa.render(f, lang, TEMPLATES, 2, 0)
+            assert len(rows) == 2 and all(f"`{f['key']}`" in c.answer for c in rows), (f["key"], lang)
+            assert not any(re.search(r"\{(intent|task|goal|name|summary|desc|what|what_obj|tool_title)\}",
+                                     c.question + c.answer) for c in rows), (f["key"], rows)  # fmt: skip
+
+
+def test_bad_facts_file_names_every_problem_at_once():
+    bad = [
+        {**PUSH_FACT, "what": "cmd"},
+        {k: v for k, v in PUSH_FACT.items() if k != "goals"} | {"name": "dvc pull"},
+        {**PUSH_FACT, "intents": "one string", "name": "dvc fetch", "color": "red"},
+        PUSH_FACT,
+        "dvc gc",
+    ]
+    with pytest.raises(StageError) as e:
+        docs_qa.curated_facts(bad, "data/facts.yaml")
+    msg = str(e.value)
+    for needed in ("6 problem(s) in data/facts.yaml", "entry 0 (dvc push): `what` is 'cmd'",
+                   "entry 1 (dvc pull): missing or empty `goals`", "entry 2 (dvc fetch): `intents` must be a list",
+                   "entry 2 (dvc fetch): unknown key `color`", "entry 3 (dvc push): duplicate `name`",
+                   "entry 4: not a mapping"):  # fmt: skip
+        assert needed in msg, (needed, msg)
+    with pytest.raises(StageError, match="expected a YAML list"):
+        docs_qa.curated_facts({"dvc push": PUSH_FACT}, "data/facts.yaml")
+
+
 def test_first_sentence_and_intent():
     assert docs_qa.first_sentence("Git revision (e.g. SHA, branch, tag)") == "Git revision (e.g. SHA, branch, tag)."
     assert docs_qa.first_sentence("Show status. Also compares caches.") == "Show status."
@@ -185,19 +246,21 @@ def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model
     rows, first = io.read_jsonl(out), out.read_bytes()
     assert m["rows"] == len(rows) == p.synthetic.max_rows
     assert m["rows_by_lang"]["en"] >= m["rows_by_lang"]["ko"] > 0.2 * m["rows"]
-    assert m["rows_by_kind"] == {"command": m["rows"]}  # commands first: the default budget holds only them
+    # the hand-written facts first: the default budget holds them all, both languages, 2 phrasings each
+    facts = docs_qa.curated_facts(yaml.safe_load(Path(p.paths.synthetic_facts).read_text(encoding="utf-8")), "")
+    curated = 4 * len(facts) - m["filtered"]["heldout_near_dup"] - m["filtered"]["seed_near_dup"]
+    assert m["rows_by_kind"] == {"curated": curated, "command": m["rows"] - curated} and curated > 0.95 * m["rows"]
     assert sum(m["filtered"].values()) + m["rows"] == m["candidates"]
     assert m["tokens"]["total"] == sum(r["n_tokens"] for r in rows)
+    stated = {f["vars"]["summary"] for f in facts} | {f["ko"]["desc"] for f in facts}
+    mined = {first for f in docs_qa.facts(SNAPSHOT, TEMPLATES["skip"], TEMPLATES["ko"]) if f["kind"] == "command"
+             for first in (f["vars"]["summary"], (f["ko"] or {}).get("desc"))}  # fmt: skip
     for r in rows:
         assert set(r) == {"id", "messages", "lang", "source", "n_tokens"} and r["source"] == "synthetic:docs"
         assert r["id"] == text.row_id(r["messages"]) and 0 < r["n_tokens"] <= 512
         assert r["lang"] == text.detect_lang(" ".join(m["content"] for m in r["messages"]))
         answer = r["messages"][-1]["content"]
-        for flag in FLAG.findall(answer):  # no invented flags or options
-            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", SNAPSHOT_TEXT), (flag, answer)
-        for span in CODE_SPAN.findall(answer):  # every code span is mined text
-            for tok in filter(None, re.split(r"\s+", span)):
-                assert json.dumps(tok, ensure_ascii=False)[1:-1] in SNAPSHOT_TEXT or tok in ("exp",), (tok, answer)
+        assert any(x in answer for x in stated | mined - {None}), answer  # states a written or mined fact
     phrasings = {}
     for r in rows:
         phrasings.setdefault((r["lang"], r["messages"][1]["content"][:12]), set()).add(r["messages"][0]["content"])
@@ -226,7 +289,9 @@ def test_grounding_of_every_candidate():
 def test_no_synthetic_row_equals_or_nearly_equals_val_test(tmp_path, base_model_dir):
     """Inject val/test rows that a docs candidate would reproduce exactly and almost exactly: both are dropped."""
     ok = _synthetic_params(max_answer_chars=900)
-    cands = [c for c in itertools.islice(_candidates(2, 1234), 50) if not synthetic.row_reason(c, ok)]
+    curated = docs_qa.curated_facts(yaml.safe_load((ROOT / "data" / "facts.yaml").read_text(encoding="utf-8")), "")
+    stage_order = docs_qa.candidates(curated + FACTS, TEMPLATES, 2, 1234, 2)  # what the stage generates first
+    cands = [c for c in itertools.islice(stage_order, 50) if not synthetic.row_reason(c, ok)]
     exact, near = cands[0], next(c for c in cands if c.answer != cands[0].answer)
     leak = [_row(_qa(exact.question, exact.answer)), _row(_qa(near.question + "?", near.answer))]
     params = _setup(tmp_path, base_model_dir, {"synthetic.max_rows": 200}, val_test=leak)
@@ -260,7 +325,7 @@ def _synthetic_params(**kw) -> config.Synthetic:
             "min_answer_chars": 20,
             "max_answer_chars": 200,
             "near_dup_threshold": 0.9,
-            "docs": {"tools": [], "modules": [], "phrasings": 3},
+            "docs": {"tools": [], "modules": [], "phrasings": 3, "curated_phrasings": 2},
             **kw,
         }
     )
