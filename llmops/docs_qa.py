@@ -10,6 +10,9 @@ import random
 import re
 import string
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from llmops.stage import StageError
 
@@ -94,38 +97,49 @@ def facts(snap: dict, skip: list[str], ko: dict[str, dict]) -> list[dict]:
     return facts
 
 
+def read_yaml(path: str):
+    """A git-tracked YAML input of the generator (templates, facts); a syntax error names the file and line."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise StageError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+
+
 def curated_facts(entries, source: str) -> list[dict]:
     """The hand-written facts as generator facts (kind `curated`; `intent`/`goal` are lists, one per phrasing).
-    Every problem at once, each naming the entry and key."""
+    Every problem at once, on one line, each naming the entry and key."""
     if not isinstance(entries, list):
         raise StageError(f"{source}: expected a YAML list of facts (name, what, tool, intents, summary, goals, desc)")
     problems, facts, seen = [], [], set()
     for i, e in enumerate(entries):
-        where = f"{source}: entry {i}" + (f" ({e['name']})" if isinstance(e, dict) and e.get("name") else "")
+        name = e.get("name") if isinstance(e, dict) and isinstance(e.get("name"), str) else None
+        where = f"{source}: entry {i}" + (f" ({name})" if name else "")
         if not isinstance(e, dict):
             problems.append(f"{where}: not a mapping")
             continue
         bad = [f"missing or empty `{k}`" for k in CURATED_KEYS if not e.get(k)]
-        bad += [f"unknown key `{k}`" for k in sorted(set(e) - set(CURATED_KEYS))]
-        if e.get("what") and e["what"] not in WHAT_KO:
+        bad += [f"unknown key `{k}`" for k in sorted(set(e) - set(CURATED_KEYS), key=str)]
+        bad += [f"`{k}` must be a string" for k in ("name", "what", "tool", "summary", "desc")
+                if e.get(k) and not isinstance(e[k], str)]  # fmt: skip
+        if isinstance(e.get("what"), str) and e["what"] not in WHAT_KO:
             bad.append(f"`what` is {e['what']!r}, expected one of {', '.join(WHAT_KO)}")
         for k in ("intents", "goals"):
             if e.get(k) and not (isinstance(e[k], list) and all(isinstance(x, str) and x.strip() for x in e[k])):
                 bad.append(f"`{k}` must be a list of non-empty strings")
-        if e.get("name") in seen:
+        if name in seen:
             bad.append("duplicate `name` (one fact per entry)")
-        seen.add(str(e.get("name")))
+        seen.add(name)
         if bad:
             problems += [f"{where}: {b}" for b in bad]
             continue
-        facts.append({"kind": "curated", "key": e["name"], "grounding": e["summary"].strip(),
-                      "vars": {"name": e["name"], "what": e["what"].replace("_", " "), "tool_title": e["tool"],
+        facts.append({"kind": "curated", "key": name, "grounding": e["summary"].strip(),
+                      "vars": {"name": name, "what": e["what"].replace("_", " "), "tool_title": e["tool"],
                                "intent": [x.strip() for x in e["intents"]],
                                "task": [_second_person(x.strip()) for x in e["intents"]], "summary": e["summary"].strip()},
                       "ko": {"goal": [x.strip() for x in e["goals"]], "desc": _ko_first_sentence(e["desc"]),
                              "what_obj": WHAT_KO[e["what"]]}})  # fmt: skip
     if problems:
-        raise StageError(f"{len(problems)} problem(s) in {source}; fix them and rerun:\n  " + "\n  ".join(problems))
+        raise StageError(f"{len(problems)} problem(s) in {source}, fix them and rerun: " + "; ".join(problems))
     return facts
 
 

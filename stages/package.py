@@ -25,7 +25,7 @@ from llmops import chat, config, io, log, modeling, stage
 from llmops.stage import StageError
 
 MANIFEST, CARD, TEMPLATE, GENCONFIG = "manifest.json", "MODEL_CARD.md", "chat_template.jinja", "generation_config.json"
-SAMPLING = ("temperature", "top_p", "repetition_penalty", "max_new_tokens")  # the generation_config keys vLLM reads
+SAMPLING = tuple(config.Generation.model_fields)  # the generation_config keys merge writes and vLLM reads
 # Everything that decides the weights and the reported metrics; `paths` is left out so the digest is the same
 # wherever the pipeline ran, `serve` because serving settings never change what was built.
 DIGEST_SECTIONS = ("base", "preprocess", "synthetic", "train", "merge", "package")

@@ -26,7 +26,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import yaml
 from scipy import sparse
 
 from llmops import chat, config, dedup, docs_qa, io, log, modeling, stage, teacher, text
@@ -136,11 +135,9 @@ def main(params_file: str = "params.yaml") -> dict:
         if not Path(f).exists():
             raise StageError(f"{f} missing: {fix}")
     snap = io.read_json(paths.docs_snapshot)
-    templates = yaml.safe_load(Path(paths.synthetic_templates).read_text(encoding="utf-8"))
+    templates = docs_qa.read_yaml(paths.synthetic_templates)
     heldout = [r["question"] for r in io.read_jsonl(paths.qa_set)]
-    curated = docs_qa.curated_facts(
-        yaml.safe_load(Path(paths.synthetic_facts).read_text(encoding="utf-8")), paths.synthetic_facts
-    )
+    curated = docs_qa.curated_facts(docs_qa.read_yaml(paths.synthetic_facts), paths.synthetic_facts)
     facts = curated + docs_qa.facts(snap, templates.get("skip") or [], templates.get("ko") or {})
     stats = teacher.TeacherStats()
     if s.generator == "docs":

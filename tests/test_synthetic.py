@@ -27,7 +27,6 @@ from tests.conftest import ROOT, free_port, repo_params, write_params
 SNAPSHOT = json.loads((ROOT / "data" / "docs_snapshot.json").read_text(encoding="utf-8"))
 SNAPSHOT_TEXT = json.dumps(SNAPSHOT, ensure_ascii=False)
 FLAG = re.compile(r"(?<![\w./=-])--?[A-Za-z][\w-]*")
-CODE_SPAN = re.compile(r"`([^`]+)`")
 
 
 def _row(messages: list[dict], source: str = "test") -> dict:
@@ -66,6 +65,7 @@ def _setup(tmp: Path, base_dir: Path, overrides: dict | None = None, val_test: l
 
 TEMPLATES = yaml.safe_load((ROOT / "data" / "docs_qa.yaml").read_text(encoding="utf-8"))
 FACTS = docs_qa.facts(SNAPSHOT, TEMPLATES["skip"], TEMPLATES["ko"])
+CURATED = docs_qa.curated_facts(docs_qa.read_yaml(ROOT / repo_params()["paths"]["synthetic_facts"]), "facts.yaml")
 
 
 def _fact(kind: str, key: str) -> dict:
@@ -200,10 +200,8 @@ def test_curated_facts_are_asked_in_the_users_words_in_both_languages():
 
 
 def test_repo_facts_are_valid_and_render_in_both_languages():
-    entries = yaml.safe_load((ROOT / repo_params()["paths"]["synthetic_facts"]).read_text(encoding="utf-8"))
-    facts = docs_qa.curated_facts(entries, "data/facts.yaml")
-    assert len(facts) >= 100
-    for f in facts:
+    assert len(CURATED) >= 100
+    for f in CURATED:
         for lang in docs_qa.LANGS:
             rows = docs_qa.render(f, lang, TEMPLATES, 2, 0)
             assert len(rows) == 2 and all(f"`{f['key']}`" in c.answer for c in rows), (f["key"], lang)
@@ -218,17 +216,29 @@ def test_bad_facts_file_names_every_problem_at_once():
         {**PUSH_FACT, "intents": "one string", "name": "dvc fetch", "color": "red"},
         PUSH_FACT,
         "dvc gc",
+        {**PUSH_FACT, "name": ["dvc", "gc"], "summary": 3},
     ]
     with pytest.raises(StageError) as e:
         docs_qa.curated_facts(bad, "data/facts.yaml")
     msg = str(e.value)
-    for needed in ("6 problem(s) in data/facts.yaml", "entry 0 (dvc push): `what` is 'cmd'",
+    assert "\n" not in msg  # one line, like every stage error
+    for needed in ("8 problem(s) in data/facts.yaml", "entry 5: `name` must be a string",
+                   "entry 5: `summary` must be a string", "entry 0 (dvc push): `what` is 'cmd'",
                    "entry 1 (dvc pull): missing or empty `goals`", "entry 2 (dvc fetch): `intents` must be a list",
                    "entry 2 (dvc fetch): unknown key `color`", "entry 3 (dvc push): duplicate `name`",
                    "entry 4: not a mapping"):  # fmt: skip
         assert needed in msg, (needed, msg)
     with pytest.raises(StageError, match="expected a YAML list"):
         docs_qa.curated_facts({"dvc push": PUSH_FACT}, "data/facts.yaml")
+
+
+def test_broken_facts_yaml_stops_the_stage_naming_the_file_and_line(tmp_path, base_model_dir):
+    params = _setup(tmp_path, base_model_dir)
+    p = config.load(params, "synthetic")
+    Path(p.paths.synthetic_facts).write_text("- name: dvc push\n  what: [command\n", encoding="utf-8")
+    with pytest.raises(StageError, match=r"facts\.yaml: not valid YAML: .*line 3"):
+        synthetic.main(str(params))
+    assert not Path(p.paths.synthetic_train).exists()  # nothing written
 
 
 def test_first_sentence_and_intent():
@@ -247,7 +257,8 @@ def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model
     assert m["rows"] == len(rows) == p.synthetic.max_rows
     assert m["rows_by_lang"]["en"] >= m["rows_by_lang"]["ko"] > 0.2 * m["rows"]
     # the hand-written facts first: the default budget holds them all, both languages, 2 phrasings each
-    facts = docs_qa.curated_facts(yaml.safe_load(Path(p.paths.synthetic_facts).read_text(encoding="utf-8")), "")
+    facts = CURATED  # what write_params copied next to the temp params: the repo's file
+    assert Path(p.paths.synthetic_facts).read_bytes() == (ROOT / "data" / "facts.yaml").read_bytes()
     curated = 4 * len(facts) - m["filtered"]["heldout_near_dup"] - m["filtered"]["seed_near_dup"]
     assert m["rows_by_kind"] == {"curated": curated, "command": m["rows"] - curated} and curated > 0.95 * m["rows"]
     assert sum(m["filtered"].values()) + m["rows"] == m["candidates"]
@@ -289,8 +300,7 @@ def test_grounding_of_every_candidate():
 def test_no_synthetic_row_equals_or_nearly_equals_val_test(tmp_path, base_model_dir):
     """Inject val/test rows that a docs candidate would reproduce exactly and almost exactly: both are dropped."""
     ok = _synthetic_params(max_answer_chars=900)
-    curated = docs_qa.curated_facts(yaml.safe_load((ROOT / "data" / "facts.yaml").read_text(encoding="utf-8")), "")
-    stage_order = docs_qa.candidates(curated + FACTS, TEMPLATES, 2, 1234, 2)  # what the stage generates first
+    stage_order = docs_qa.candidates(CURATED + FACTS, TEMPLATES, 2, 1234, 2)  # what the stage generates first
     cands = [c for c in itertools.islice(stage_order, 50) if not synthetic.row_reason(c, ok)]
     exact, near = cands[0], next(c for c in cands if c.answer != cands[0].answer)
     leak = [_row(_qa(exact.question, exact.answer)), _row(_qa(near.question + "?", near.answer))]
