@@ -146,6 +146,23 @@ def generate_vllm(model_dir: Path, prompts: list[list[int]], eos: list[int], def
     return [until_eos(list(o.outputs[0].token_ids), eos) for o in outs]
 
 
+@torch.inference_mode()
+def assistant_nll(model, encoded: list, desc: str) -> list[dict]:
+    """Per encoded row (llmops.chat.Encoded): the summed NLL of the tokens the loss is taken on (assistant replies +
+    end-of-turn) and their count. One row per forward, so no padding is computed (the test rows padded to 8-row
+    batches were 1.7x their real tokens), and the vocabulary projection only at the positions that predict a
+    labelled token (`logits_to_keep`; 68% of the default's test tokens): 65 s → 38 s per model on 2 AVX2 cores,
+    equal to the padded full-logit pass within 1e-4 nats per row."""
+    device = next(model.parameters()).device
+    out = []
+    for e in tqdm(encoded, desc=desc, leave=False, disable=None):
+        labels = torch.tensor(e.labels[1:], device=device)
+        keep = (labels != chat.IGNORE_INDEX).nonzero().squeeze(1)
+        logits = model(input_ids=torch.tensor([e.input_ids], device=device), logits_to_keep=keep).logits[0]
+        out.append({"nll": F.cross_entropy(logits.float(), labels[keep], reduction="sum").item(), "n": len(keep)})
+    return out
+
+
 def vllm_usable() -> bool:
     """Installed (llmops.hardware) and importable: a broken build may raise anything at import."""
     if hardware.vllm_build() is None:
@@ -171,7 +188,7 @@ def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Ev
     eot = chat.end_of_turn_id(tok)
     prompts = [chat.prompt_ids(tok, it["prompt"]) for it in items + qa]
     eos, defaults = sampling_defaults(gen_dir)
-    ids = None
+    ids, t0 = None, time.perf_counter()
     if engine in ("vllm", "auto"):
         try:
             ids = generate_vllm(model_dir, prompts, eos, defaults, e.max_new_tokens, dtype, seed)
@@ -180,14 +197,17 @@ def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Ev
             if engine == "vllm":
                 raise StageError(f"vLLM generation failed on {model_dir}: {type(err).__name__}: {err}") from err
             log.get("evaluate").warning("vllm_failed_using_hf", error=f"{type(err).__name__}: {err}")
+    t1 = time.perf_counter()
     model = modeling.load_model(model_dir, quantize_4bit=False, dtype=modeling.resolve_dtype("auto")).eval()
-    encoded = [chat.encode(tok, it["messages"], eot) for it in items]
-    losses = [{"nll": F.cross_entropy(lg, tg, reduction="sum").item(), "n": len(tg)}
-              for lg, tg in modeling.assistant_positions(model, encoded, e.batch_size, f"loss {model_dir.name}")]  # fmt: skip
+    losses = assistant_nll(model, [chat.encode(tok, it["messages"], eot) for it in items], f"loss {model_dir.name}")
+    t2 = time.perf_counter()
     if ids is None:
         engine = "hf"
         ids = generate_hf(model, prompts, eos, defaults, e.max_new_tokens, e.batch_size)
     del model
+    # where the stage's time goes (generation dominates; the loss pass is one forward per test row)
+    log.get("evaluate").info("scored", model=model_dir.name, engine=engine, answer_tokens=sum(map(len, ids)),
+                             generate_s=round(time.perf_counter() - t2 + t1 - t0, 1), loss_s=round(t2 - t1, 1))  # fmt: skip
     gc.collect()
     answers = [decode(tok, a) for a in ids]
     return losses, answers[: len(items)], answers[len(items) :], engine

@@ -146,6 +146,25 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
     assert len(samples) == 6 and all(s["base"] == s["tuned"] for s in samples)
 
 
+def test_perplexity_pass_equals_the_padded_full_logit_pass(tiny_model_dir):
+    """evaluate scores each row alone and projects to the vocabulary only where a label is: the same summed NLL and
+    token count per row as the padded, full-logit forward merge uses (multi-turn rows of unequal length)."""
+    import torch.nn.functional as F
+
+    tok = modeling.load_tokenizer(tiny_model_dir)
+    model = modeling.load_model(tiny_model_dir, quantize_4bit=False, dtype="float32", device_map="cpu").eval()
+    turns = [("user", "What is DVC?"), ("assistant", "A data version control tool."), ("user", "And dvc push?"),
+             ("assistant", "It uploads cached data to the remote.")]  # fmt: skip
+    convs = [turns[:2], turns, [("user", "LoRA가 뭐예요?"), ("assistant", "저랭크 어댑터 학습법이에요.")]]
+    enc = [chat.encode(tok, [{"role": r, "content": c} for r, c in m], chat.end_of_turn_id(tok)) for m in convs]
+    want = [(F.cross_entropy(lg, tg, reduction="sum").item(), len(tg))
+            for lg, tg in modeling.assistant_positions(model, enc, batch_size=3)]  # fmt: skip
+    got = evaluate.assistant_nll(model, enc, "loss")
+    assert [g["n"] for g in got] == [n for _, n in want] == [e.n_trainable for e in enc]
+    assert [g["nll"] for g in got] == pytest.approx([w for w, _ in want], rel=1e-5)
+    assert got[0]["n"] < got[1]["n"]  # the second turn's reply counts too
+
+
 def test_generation_stops_at_every_served_eos_id(tiny_model_dir):
     tok = modeling.load_tokenizer(tiny_model_dir)
     model = modeling.load_model(tiny_model_dir, quantize_4bit=False, dtype="bfloat16", device_map="cpu").eval()
