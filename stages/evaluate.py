@@ -7,14 +7,13 @@
       keyword recall of the answer to the conversation up to its last assistant turn;
   qa          `paths.qa_set`: questions written apart from the training data, each with the keywords a correct
       answer names (never words of the question: echoing it scores nothing); score = share of keywords named.
-Answers: vLLM's offline engine (`evaluate.engine`: vllm; hf = transformers generate; auto = vllm when it imports),
-in this process (no engine subprocess: ~5 s to start instead of ~60), greedy, up to `evaluate.max_new_tokens`,
-with the chat template, stop ids and sampling defaults (repetition penalty) of the tuned model's
-generation_config.json for both models: what `make serve` answers with. Decoded at whole characters.
-Whether the merge kept the trained model is the merge stage's gate (metrics/merge.json), not evaluated here.
-Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "compute"}, `paths.eval_samples` (per row: both answers
-and their scores, `set` test | qa) and `paths.eval_plot` (metric, model, value). `compute` says which machine,
-dtypes and engine produced the figures: bf16 and fp32 machines differ in the last digits.
+Answers: vLLM's offline engine in this process (`evaluate.engine`: vllm; hf = transformers generate; auto = vllm
+when it imports; no engine subprocess: ~5 s to start, not ~60), greedy, up to `evaluate.max_new_tokens`, with the
+chat template, stop ids and sampling defaults (repetition penalty) of the tuned model's generation_config.json for
+both models: what `make serve` answers with. Decoded at whole characters. The merge's gate is not repeated here.
+Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "compute"} (`compute`: the machine, dtypes and engine:
+bf16 and fp32 machines differ in the last digits), `paths.eval_samples` (per row: both answers and their scores,
+`set` test | qa) and `paths.eval_plot` (metric, model, value).
 """
 
 from __future__ import annotations
@@ -106,11 +105,9 @@ def generate_hf(model, prompts: list[list[int]], eos: list[int], defaults: dict,
 
 @contextlib.contextmanager
 def _engine_scope():
-    """What vLLM's in-process CPU engine changes for the whole process, put back when it is done: its worker
-    replaces `torch.set_num_threads` with a no-op (later loss passes, and tests, could no longer set threads), and
-    its start scans the globals of every loaded module (Triton kernel overrides), where an unbound flask/werkzeug
-    context proxy (flask is loaded once mlflow's server CLI was imported) raises: such modules are out of
-    sys.modules while the engine starts."""
+    """Puts back what vLLM's in-process CPU engine changes for the whole process: its worker makes
+    `torch.set_num_threads` a no-op (later loss passes and tests could not set threads), and its start scans every
+    loaded module's globals, where an unbound flask/werkzeug proxy (mlflow's server CLI) raises: those step out."""
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     local = sys.modules.get("werkzeug.local")
     hidden = {}
@@ -148,35 +145,29 @@ def generate_vllm(model_dir: Path, prompts: list[list[int]], eos: list[int], def
 
 @torch.inference_mode()
 def assistant_nll(model, encoded: list, desc: str) -> list[dict]:
-    """Per encoded row (llmops.chat.Encoded): the summed NLL of the tokens the loss is taken on (assistant replies +
-    end-of-turn) and their count. One row per forward, so no padding is computed (the test rows padded to 8-row
-    batches were 1.7x their real tokens), and the vocabulary projection only at the positions that predict a
-    labelled token (`logits_to_keep`; 68% of the default's test tokens): 65 s → 38 s per model on 2 AVX2 cores,
-    equal to the padded full-logit pass within 1e-4 nats per row."""
-    device = next(model.parameters()).device
-    out = []
+    """Per encoded row: the summed NLL of its labelled tokens (assistant replies + end-of-turn) and their count. One
+    row per forward (no padding) projected to the vocabulary only where a label is (BENCHMARKS.md "Pipeline")."""
+    dev, out = next(model.parameters()).device, []
     for e in tqdm(encoded, desc=desc, leave=False, disable=None):
-        labels = torch.tensor(e.labels[1:], device=device)
+        labels = torch.tensor(e.labels[1:], device=dev)
         keep = (labels != chat.IGNORE_INDEX).nonzero().squeeze(1)
-        logits = model(input_ids=torch.tensor([e.input_ids], device=device), logits_to_keep=keep).logits[0]
+        logits = model(input_ids=torch.tensor([e.input_ids], device=dev), logits_to_keep=keep).logits[0]
         out.append({"nll": F.cross_entropy(logits.float(), labels[keep], reduction="sum").item(), "n": len(keep)})
     return out
 
 
 def vllm_usable() -> bool:
     """Installed (llmops.hardware) and importable: a broken build may raise anything at import."""
-    if hardware.vllm_build() is None:
-        return False
-    try:
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
+    if hardware.vllm_build() is not None:
+        with contextlib.suppress(Exception):
+            import vllm  # noqa: F401
+
+            return True
+    return False
 
 
 def decode(tok, ids: list[int]) -> str:
-    """The answer text, cut at the last whole character: a reply stopped by max_new_tokens in the middle of a
-    multi-byte character must not end in U+FFFD."""
+    """The answer text cut at the last whole character: a reply stopped mid-character must not end in U+FFFD."""
     return tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd").strip()
 
 
@@ -205,7 +196,6 @@ def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Ev
         engine = "hf"
         ids = generate_hf(model, prompts, eos, defaults, e.max_new_tokens, e.batch_size)
     del model
-    # where the stage's time goes (generation dominates; the loss pass is one forward per test row)
     log.get("evaluate").info("scored", model=model_dir.name, engine=engine, answer_tokens=sum(map(len, ids)),
                              generate_s=round(time.perf_counter() - t2 + t1 - t0, 1), loss_s=round(t2 - t1, 1))  # fmt: skip
     gc.collect()
