@@ -423,16 +423,21 @@ def test_run_key_changes_with_params_and_data(tmp_path, tiny_model_dir):
         ({"train.tokens_per_batch": 512}, "train.tokens_per_batch=512 < preprocess.max_seq_len=768"),
         # a missing comma in YAML's flow list: peft would adapt q_proj only and train without a word
         ({"train.target_modules": ["q_proj", "k_proj v_proj"]}, r"\['k_proj v_proj'\] match no module of .*o_proj"),
-        ({"train.synthetic_repeats": 0}, r"nothing to train on: .*train.jsonl is empty"),
     ],
 )
 def test_unusable_settings_fail_before_any_work(tmp_path, tiny_model_dir, overrides, message):
     if torch.cuda.is_available() and "cuda" in message.lower():
         pytest.skip("this box has CUDA")
     params = setup_run(tmp_path, tiny_model_dir, overrides)
-    if "nothing to train" in message:  # no seed rows, and the synthetic ones weighted out
-        io.write_jsonl(Path(_paths(params).processed_dir) / "train.jsonl", [])
     with pytest.raises(StageError, match=message):
+        train.main(str(params))
+    assert not Path(_paths(params).checkpoint_dir).exists()
+
+
+def test_no_seed_rows_and_the_synthetic_ones_weighted_out_is_named(tmp_path, tiny_model_dir):
+    params = setup_run(tmp_path, tiny_model_dir, {"train.synthetic_repeats": 0})
+    io.write_jsonl(Path(_paths(params).processed_dir) / "train.jsonl", [])
+    with pytest.raises(StageError, match=r"nothing to train on: .*train.jsonl is empty"):
         train.main(str(params))
     assert not Path(_paths(params).checkpoint_dir).exists()
 
