@@ -43,5 +43,6 @@ def test_dag_has_exactly_the_declared_edges():
         ("base", "preprocess"), ("base", "synthetic"), ("base", "train"), ("base", "merge"), ("base", "evaluate"),
         ("base", "package"), ("preprocess", "synthetic"), ("preprocess", "train"), ("preprocess", "merge"),
         ("preprocess", "evaluate"), ("docs_snapshot", "synthetic"), ("synthetic", "train"), ("train", "merge"),
-        ("train", "package"), ("merge", "evaluate"), ("merge", "package"),
+        ("train", "package"), ("merge", "evaluate"), ("merge", "package"), ("base", "evaluate_base"),
+        ("preprocess", "evaluate_base"), ("evaluate_base", "evaluate"),
     }  # fmt: skip

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from llmops import chat, config, hardware, io, metrics, modeling
+from llmops import chat, config, hardware, io, metrics, modeling, scoring
 from llmops.stage import StageError
-from stages import evaluate, merge
+from stages import evaluate, evaluate_base, merge
 from tests.conftest import make_adapter, write_params, write_processed
 
 SCOPE_KEYS = {"loss", "perplexity", "chrf", "rouge_l", "keyword_recall", "n", "qa"}
@@ -48,8 +48,8 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     def broken_vllm(*args, **kwargs):
         raise RuntimeError("no CPU kernels for this model")
 
-    monkeypatch.setattr(evaluate, "vllm_usable", lambda: True)
-    monkeypatch.setattr(evaluate, "generate_vllm", broken_vllm)
+    monkeypatch.setattr(scoring, "vllm_usable", lambda: True)
+    monkeypatch.setattr(scoring, "generate_vllm", broken_vllm)
     res = evaluate.main(str(params))
     assert set(res) == {"base", "tuned", "delta", "compute"}
     for model in ("base", "tuned"):
@@ -81,6 +81,23 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     assert {r["model"] for r in plot} == {"base", "tuned"}
 
 
+def test_a_fine_tune_reuses_the_base_rows_only_when_scored_alike(tmp_path, tiny_model_dir, monkeypatch):
+    """evaluate_base scores the base once; evaluate then scores only the tuned model and its figures are exactly
+    those of scoring both here. Rows scored with other settings (here max_new_tokens) are scored again."""
+    params, p = _pipeline(tmp_path, tiny_model_dir, "qlora", 0.05)
+    alone = evaluate.main(str(params))  # no evaluate_base output yet: the base is scored in-process
+    stored = evaluate_base.main(str(params))
+    assert io.read_json(p.paths.eval_base) == stored and stored["engine"] == "hf"
+    scored, score_model = [], scoring.score_model
+    monkeypatch.setattr(scoring, "score_model", lambda d, *a: scored.append(d.name) or score_model(d, *a))
+    assert evaluate.main(str(params)) == alone and scored == ["merged"]
+    params = write_params(tmp_path, {"merge.parity_samples": 2, "evaluate.max_samples": 4, "evaluate.batch_size": 3,
+                                     "evaluate.max_new_tokens": 5, "evaluate.engine": "hf"}, base_dir=tiny_model_dir)  # fmt: skip
+    scored.clear()
+    again = evaluate.main(str(params))
+    assert scored == ["merged", tiny_model_dir.name] and again["base"]["loss"] == alone["base"]["loss"]
+
+
 def test_keyword_score_counts_named_keywords_not_echoes():
     assert metrics.keyword_score("Run `dvc push -r s3`.", ["dvc push"]) == 1.0
     assert metrics.keyword_score("`DVC EXP SHOW`로 비교하세요", ["dvc exp show", "--only-changed"]) == 0.5
@@ -90,7 +107,7 @@ def test_keyword_score_counts_named_keywords_not_echoes():
 def test_a_qa_keyword_inside_its_question_is_refused(tmp_path):
     bad = [{"id": "x", "lang": "en", "question": "What does dvc push do?", "keywords": ["dvc push"]}]
     with pytest.raises(StageError, match=r"qa\.jsonl: row 1: keyword\(s\) \['dvc push'\] appear in the question"):
-        evaluate.qa_items(bad, "data/eval/qa.jsonl")
+        scoring.qa_items(bad, "data/eval/qa.jsonl")
 
 
 @pytest.mark.parametrize("native, want", [(False, "float32"), (True, "bfloat16")])
@@ -104,7 +121,7 @@ def test_vllm_generates_in_the_dtype_make_serve_runs(tmp_path, tiny_model_dir, m
         seen.append(dtype)
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(evaluate, "generate_vllm", fake_vllm)
+    monkeypatch.setattr(scoring, "generate_vllm", fake_vllm)
     monkeypatch.setenv("LLMOPS_NATIVE_BF16", str(int(native)))
     res = evaluate.main(str(params))
     assert seen and set(seen) == {want} == {res["compute"]["generate_dtype"]}
@@ -120,7 +137,7 @@ def test_repo_qa_set_is_held_out_from_the_training_questions():
     from tests.conftest import ROOT, repo_params
 
     rows = io.read_jsonl(ROOT / repo_params()["paths"]["qa_set"])
-    items = evaluate.qa_items(rows, "qa")
+    items = scoring.qa_items(rows, "qa")
     assert len(items) == 80 and {it["lang"] for it in items} == {"en", "ko"}
     seed = [m["content"] for f in ("seed_en", "seed_ko") for r in io.read_jsonl(ROOT / f"data/raw/{f}.jsonl")
             for m in r["messages"] if m["role"] == "user"]  # fmt: skip
@@ -165,7 +182,7 @@ def test_perplexity_pass_equals_the_padded_full_logit_pass(tiny_model_dir):
         labels = torch.tensor(e.labels[1:])
         keep = labels != chat.IGNORE_INDEX
         want.append((F.cross_entropy(row[: len(labels)][keep], labels[keep], reduction="sum").item(), int(keep.sum())))
-    got = evaluate.assistant_nll(model, enc, "loss")
+    got = scoring.assistant_nll(model, enc, "loss")
     assert [g["n"] for g in got] == [n for _, n in want] == [e.n_trainable for e in enc]
     assert [g["nll"] for g in got] == pytest.approx([w for w, _ in want], rel=1e-5)
     assert got[0]["n"] < got[1]["n"]  # the second turn's reply counts too
@@ -175,15 +192,15 @@ def test_generation_stops_at_every_served_eos_id(tiny_model_dir):
     tok = modeling.load_tokenizer(tiny_model_dir)
     model = modeling.load_model(tiny_model_dir, quantize_4bit=False, dtype="bfloat16", device_map="cpu").eval()
     prompts = [chat.prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("What is DVC?", "LoRA가 뭐예요?")]
-    eos, defaults = evaluate.sampling_defaults(tiny_model_dir)
+    eos, defaults = scoring.sampling_defaults(tiny_model_dir)
     assert eos == [2] and defaults == {"repetition_penalty": 1.0}
     with torch.inference_mode():
         first = [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
     assert all(t not in eos for t in first), "the random tiny model should not stop at once"
-    free = evaluate.generate_hf(model, prompts, eos, defaults, max_new=6, bs=2)  # left-padded batch of 2
+    free = scoring.generate_hf(model, prompts, eos, defaults, max_new=6, bs=2)  # left-padded batch of 2
     assert [a[0] for a in free] == first and all(len(a) <= 6 for a in free)
     # Declare each prompt's greedy first token a stop id as well: every answer now ends before it starts.
-    assert evaluate.generate_hf(model, prompts, [*eos, *first], defaults, max_new=6, bs=2) == [[], []]
+    assert scoring.generate_hf(model, prompts, [*eos, *first], defaults, max_new=6, bs=2) == [[], []]
 
 
 @pytest.mark.slow
@@ -193,9 +210,9 @@ def test_vllm_engine_answers_like_hf_generate(base_model_dir):
     tok = modeling.load_tokenizer(base_model_dir)
     questions = ("How do I push DVC-tracked data to a remote?", "LoRA의 rank는 무엇을 조절하나요?")
     prompts = [chat.prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
-    eos, defaults = evaluate.sampling_defaults(base_model_dir)
+    eos, defaults = scoring.sampling_defaults(base_model_dir)
     threads = torch.get_num_threads()
-    served = evaluate.generate_vllm(base_model_dir, prompts, eos, defaults, max_new=12, dtype="bfloat16", seed=0)
+    served = scoring.generate_vllm(base_model_dir, prompts, eos, defaults, max_new=12, dtype="bfloat16", seed=0)
     # the engine is gone and so is its grip on the process: torch threads can be set again (its CPU worker
     # replaces torch.set_num_threads with a no-op), and the count is what it was
     assert torch.get_num_threads() == threads
@@ -203,7 +220,7 @@ def test_vllm_engine_answers_like_hf_generate(base_model_dir):
     assert torch.get_num_threads() == 1
     torch.set_num_threads(threads)
     model = modeling.load_model(base_model_dir, quantize_4bit=False, dtype="bfloat16", device_map="cpu").eval()
-    local = evaluate.generate_hf(model, prompts, eos, defaults, max_new=12, bs=2)
+    local = scoring.generate_hf(model, prompts, eos, defaults, max_new=12, bs=2)
     assert all(len(s) == 12 for s in served)  # no premature stop, max_new_tokens honoured
     # bf16 kernels differ (vLLM's CPU linear vs torch), so a near-tie may flip a token ("LoRa" vs "LoR"):
     # same first token, and near-identical text

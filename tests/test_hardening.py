@@ -426,6 +426,8 @@ CASES = [
     Case("merge-adapter-missing", "merge", (r"models/adapter: missing adapter_config\.json", FIX_TRAIN), setup=processed),
     Case("evaluate-merged-missing", "evaluate", (r"models/merged\b", FIX_MERGE), setup=with_adapter(),
          over={"evaluate.engine": "hf", "evaluate.max_samples": 2, "evaluate.max_new_tokens": 2}),
+    Case("evaluate_base-test-missing", "evaluate_base", (r"processed/test\.jsonl missing", r"dvc repro preprocess"),
+         over={"evaluate.engine": "hf"}),
     Case("package-merged-missing", "package", (r"models/merged\b", FIX_MERGE), setup=processed),
     # ---- a corrupt package file: serve refuses before vLLM starts
     Case("serve-corrupt-package", "serve", (r"package/model\.safetensors: sha256 \S+ != manifest", r"dvc pull package"),

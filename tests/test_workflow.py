@@ -15,7 +15,8 @@ import yaml
 from tests.conftest import _git
 from tests.test_dvc_pipeline import dvc
 
-ALL_STAGES = {"base", "preprocess", "docs_snapshot", "synthetic", "train", "merge", "evaluate", "package"}
+ALL_STAGES = {"base", "preprocess", "docs_snapshot", "synthetic", "train", "merge", "evaluate_base", "evaluate",
+              "package"}  # fmt: skip
 TRAIN_AND_AFTER = {"train", "merge", "evaluate", "package"}
 
 
@@ -59,9 +60,12 @@ def test_review_workflow_end_to_end(repo_copy, tiny_model_dir):
 
     # `repro --dry` lists the stages whose own params changed; what follows a changed output reruns too,
     # which the real experiment in step 3 checks. package digests every model-shaping section (not evaluate).
-    assert would_run("evaluate.max_new_tokens", 5) == {"evaluate"}
+    # The base is scored again only for what changes its answers: evaluate or the served sampling, never train.
+    assert would_run("evaluate.max_new_tokens", 5) == {"evaluate_base", "evaluate"}
     assert would_run("train.lr", 0.001) == {"train", "package"}
     assert would_run("merge.max_kl", 0.06) == {"merge", "package"}
+    assert would_run("merge.generation", {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.2,
+                                          "max_new_tokens": 512}) == {"merge", "evaluate_base", "package"}  # fmt: skip
     assert would_run("preprocess.val_frac", 0.12) == {"preprocess", "package"}
 
     # 3. an experiment in the workspace, side by side with the baseline
