@@ -93,10 +93,11 @@ def base_scores(paths: config.Paths, expected: dict) -> dict | None:
     if not path.exists():
         return None
     stored = io.read_json(path)
-    if stored.get("settings") == expected:
+    have = stored.get("settings") if isinstance(stored, dict) else None
+    if have == expected:
         return stored
-    differ = sorted(k for k in expected.keys() | stored.get("settings", {}).keys()
-                    if stored.get("settings", {}).get(k) != expected.get(k))  # fmt: skip
+    have = have if isinstance(have, dict) else {}  # not evaluate_base's shape: a stale cache, scored again
+    differ = sorted(k for k in expected.keys() | have.keys() if have.get(k) != expected.get(k))
     log.get("evaluate").info("base_rescored", reason=f"{path} was scored with other {', '.join(differ)}")
     return None
 

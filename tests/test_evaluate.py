@@ -96,6 +96,9 @@ def test_a_fine_tune_reuses_the_base_rows_only_when_scored_alike(tmp_path, tiny_
     scored.clear()
     again = evaluate.main(str(params))
     assert scored == ["merged", tiny_model_dir.name] and again["base"]["loss"] == alone["base"]["loss"]
+    io.write_json(p.paths.eval_base, ["not", "evaluate_base's", "rows"])  # a stale or foreign file: scored again
+    scored.clear()
+    assert evaluate.main(str(params)) == again and scored == ["merged", tiny_model_dir.name]
 
 
 def test_keyword_score_counts_named_keywords_not_echoes():
