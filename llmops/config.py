@@ -163,6 +163,8 @@ class Train(Section):
     grad_accum: StrictInt = Field(ge=1)
     weight_decay: Num = Field(ge=0.0)
     max_grad_norm: Num = Field(gt=0.0)
+    neftune_alpha: Num = Field(ge=0.0)
+    """NEFTune: uniform noise of this scale (÷ sqrt(seq_len·hidden)) on the input embeddings in training steps; 0 = off."""
     packing: StrictBool
     eval_every: StrictInt = Field(ge=1)
     save_every: StrictInt = Field(ge=1)

@@ -4,10 +4,9 @@
     accelerate launch --config_file configs/accelerate_ddp_cpu.yaml -m stages.train     # DDP, 2 CPU procs (gloo)
     accelerate launch --config_file configs/accelerate_fsdp_qlora.yaml -m stages.train  # multi-GPU QLoRA (FSDP)
 
-transformers' Trainer runs the loop (eval, checkpoints, resume, early stopping, DDP through accelerate) over
-token-budget micro-batches with padding-free packing (llmops.packing). Runs live under `paths.checkpoint_dir`
-(llmops.checkpoints): a killed run resumes, a finished one is exported again instead of retrained, the last few
-are kept. Tracking: one MLflow run per training (llmops.tracking). Everything that can fail (params, inputs, target
+transformers' Trainer runs the loop (eval, checkpoints, resume, early stopping, NEFTune, DDP through accelerate)
+over token-budget micro-batches (llmops.packing). Runs live under `paths.checkpoint_dir` (llmops.checkpoints): a
+killed run resumes, a finished one is exported again instead of retrained, the last few are kept. Tracking: one MLflow run per training (llmops.tracking). Everything that can fail (params, inputs, target
 modules, the tracking server) is checked before anything is trained or deleted.
 Outputs: the adapter (`paths.adapter_dir`, + tokenizer and train_provenance.json), `paths.train_metrics` and the
 per-step `paths.train_curve`, all byte-identical for identical inputs on one machine (same thread count), and
@@ -98,6 +97,7 @@ def training_args(t: config.Train, out: Path, seed: int, compute_dtype: str):
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        neftune_noise_alpha=t.neftune_alpha or None,
         # Autocast only on GPUs: on CPU the weights already are in compute_dtype (autocast would only add casts).
         bf16=cuda and compute_dtype == "bfloat16",
         fp16=cuda and compute_dtype == "float16",

@@ -359,6 +359,26 @@ def test_rerun_after_success_reexports_the_same_outputs_without_training(tmp_pat
     assert not (Path(paths.adapter_dir) / "training_args.bin").exists()  # no pickles in the adapter
 
 
+def test_neftune_noise_reaches_training_steps_but_not_evals(tmp_path, tiny_model_dir):
+    """train.neftune_alpha > 0 perturbs the embeddings of training steps only: the reported val loss is the clean
+    loss of the exported adapter, recomputed here without the Trainer."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+
+    over = {"train.max_steps": 3, "train.eval_every": 3, "train.save_every": 3}
+    plain = train.main(str(setup_run(tmp_path / "plain", tiny_model_dir, over)))
+    params = setup_run(tmp_path / "noisy", tiny_model_dir, {**over, "train.neftune_alpha": 5.0})
+    noisy = train.main(str(params))
+    assert noisy["train_loss"] != plain["train_loss"]  # the noise reached the training forward passes
+    p = config.load(params, "train", "preprocess")
+    tok = modeling.load_tokenizer(tiny_model_dir)
+    enc = [chat.encode(tok, r["messages"], 2) for r in io.read_jsonl(Path(p.paths.processed_dir) / "val.jsonl")]
+    base = modeling.load_model(tiny_model_dir, quantize_4bit=True, dtype=noisy["compute_dtype"], device_map="cpu")
+    scored = list(modeling.assistant_positions(PeftModel.from_pretrained(base, p.paths.adapter_dir).eval(), enc))
+    nll = sum(F.cross_entropy(lg, tg, reduction="sum").item() for lg, tg in scored) / sum(len(t) for _, t in scored)
+    assert noisy["eval_loss"] == pytest.approx(nll, rel=1e-4)  # evals ran on clean embeddings
+
+
 def test_switching_a_param_and_back_reexports_and_only_the_last_runs_stay(tmp_path, tiny_model_dir, monkeypatch):
     def run(lr: float) -> dict:
         return train.main(str(setup_run(tmp_path, tiny_model_dir, {"train.max_steps": 1, "train.lr": lr})))
