@@ -13,9 +13,13 @@ chat template, stop ids and sampling defaults (repetition penalty) of the tuned 
 both models: what `make serve` answers with. Decoded at whole characters. The merge's gate is not repeated here.
 The base model's rows come from `paths.eval_base` (stage evaluate_base: a fine-tune experiment doesn't score the
 base again) when they were scored with this run's settings (llmops.scoring.settings), else the base is scored here.
-Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "compute"} (`compute`: the machine, dtypes and engine:
-bf16 and fp32 machines differ in the last digits), `paths.eval_samples` (per row: both answers and their scores,
-`set` test | qa) and `paths.eval_plot` (metric, model, value).
+`nearest_train` scores the same sets answered by lookup, not by a model: each question gets the training answer
+whose question is closest in wording (`nearest_train`). It marks what the training data can teach: a tuned model
+below it on QA recalls only part of what it saw; the base above it on a metric shows that metric rewarding
+something else than the trained facts (English chrF: fluent length).
+Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "nearest_train", "compute"} (`compute`: the machine,
+dtypes and engine: bf16 and fp32 machines differ in the last digits), `paths.eval_samples` (per row: the answers
+and scores, `set` test | qa) and `paths.eval_plot` (metric, model, value).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from llmops import config, hardware, io, log, metrics, modeling, scoring, stage
+from llmops import config, dedup, hardware, io, log, metrics, modeling, scoring, stage
 from llmops.scoring import LANGS
+from llmops.stage import StageError
 
 PLOT_METRICS = {  # key, label, scale: every bar on a 0-100 axis
     ("chrf",): ("chrF", 1.0),
@@ -39,14 +44,39 @@ PLOT_METRICS = {  # key, label, scale: every bar on a 0-100 axis
 }
 
 
-def summarize(items: list[dict], losses: list[dict], answers: list[str], qa: list[dict], qa_answers: list[str]) -> dict:
-    """{loss, perplexity, chrf, rouge_l, keyword_recall, n, qa} over all rows, and the same under "en"/"ko"."""
+def train_rows(paths: config.Paths, synthetic_repeats: int) -> list[dict]:
+    """The conversations the tuned model was trained on: the seed train split, and the synthetic rows when
+    `train.synthetic_repeats` mixed them in."""
+    files = [Path(paths.processed_dir) / "train.jsonl"] + [Path(paths.synthetic_train)] * bool(synthetic_repeats)
+    if missing := [str(f) for f in files if not f.exists()]:
+        raise StageError(f"{', '.join(missing)} missing: run `dvc repro preprocess synthetic`")
+    return [r for f in files for r in io.read_jsonl(f)]
+
+
+def nearest_train(rows: list[dict], questions: list[str]) -> list[str]:
+    """Per question, the reply to the most similar user turn of the training conversations (character 5-gram
+    Jaccard, llmops.dedup; ties: the first in file order; "" when none shares a 5-gram): what a model recalling its
+    training data perfectly, looked up by the question's wording, would answer. The nearest-neighbour baseline of
+    test/train overlap studies (Lewis et al. 2021): a reference point for the metrics, not a model."""
+    pairs = [(m["content"], r["messages"][i + 1]["content"]) for r in rows for i, m in enumerate(r["messages"][:-1])
+             if m["role"] == "user" and r["messages"][i + 1]["role"] == "assistant"]  # fmt: skip
+    if not pairs or not questions:
+        return [""] * len(questions)
+    sims = dedup.jaccard(dedup.shingles(questions), dedup.shingles([q for q, _ in pairs])).toarray()
+    return [pairs[j][1] if sims[i, j] > 0 else "" for i, j in enumerate(sims.argmax(axis=1))]
+
+
+def summarize(
+    items: list[dict], losses: list[dict] | None, answers: list[str], qa: list[dict], qa_answers: list[str]
+) -> dict:
+    """{loss, perplexity, chrf, rouge_l, keyword_recall, n, qa} over all rows, and the same under "en"/"ko"
+    (no loss/perplexity without `losses`: the nearest-train reference has none)."""
 
     def scores(idx: list[int], qa_idx: list[int]) -> dict:
         refs, hyps = [items[i]["reference"] for i in idx], [answers[i] for i in idx]
         qa_scores = [metrics.keyword_score(qa_answers[i], qa[i]["keywords"]) for i in qa_idx]
         return {
-            **metrics.perplexity([losses[i]["nll"] for i in idx], [losses[i]["n"] for i in idx]),
+            **(metrics.perplexity([losses[i]["nll"] for i in idx], [losses[i]["n"] for i in idx]) if losses else {}),
             **metrics.generation_scores(hyps, refs),
             "n": len(idx),
             "qa": {"score": sum(qa_scores) / len(qa_scores) if qa_scores else float("nan"), "n": len(qa_scores)},
@@ -65,14 +95,14 @@ def delta(tuned: dict, base: dict) -> dict:
     return {k: delta(v, base[k]) if isinstance(v, dict) else v - base[k] for k, v in tuned.items() if k != "n"}
 
 
-def plot_csv(base: dict, tuned: dict) -> str:
+def plot_csv(models: dict[str, dict]) -> str:
     """metric,model,value rows for the grouped bar plot; every metric on a 0-100 scale so they share an axis."""
     buf = stdio.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["metric", "model", "value"])
     for keys, (label, scale) in PLOT_METRICS.items():
-        for scope in ("all", *(lang for lang in LANGS if lang in base)):
-            for model, res in (("base", base), ("tuned", tuned)):
+        for scope in ("all", *(lang for lang in LANGS if lang in models["base"])):
+            for model, res in models.items():
                 node = res if scope == "all" else res[scope]
                 for k in keys:
                     node = node[k]
@@ -103,7 +133,7 @@ def base_scores(paths: config.Paths, expected: dict) -> dict | None:
 
 
 def main(params_file: str = "params.yaml") -> dict:
-    p = config.load(params_file, "evaluate")
+    p = config.load(params_file, "evaluate", "train")
     e, paths = p.evaluate, p.paths
     logger = log.get("evaluate")
     base_dir, merged_dir = Path(paths.base_dir), Path(paths.merged_dir)
@@ -112,6 +142,7 @@ def main(params_file: str = "params.yaml") -> dict:
     modeling.require_model_dir(merged_dir, modeling.FIX_MERGE)
     dtype = scoring.generate_dtype(base_dir)
     items, qa = scoring.eval_sets(paths, e)
+    trained_on = train_rows(paths, p.train.synthetic_repeats)
     engine = scoring.resolve_engine(e.engine)
     logger.info("start", samples=len(items), qa=len(qa), engine=engine, max_new_tokens=e.max_new_tokens)
     torch.manual_seed(p.seed)
@@ -125,21 +156,25 @@ def main(params_file: str = "params.yaml") -> dict:
     results = {m: (summarize(items, s["losses"], s["answers"], qa, s["qa_answers"]), s["answers"], s["qa_answers"])
                for m, s in scored.items()}  # fmt: skip
     (base, b_ans, b_qa), (tuned, t_ans, t_qa) = results["base"], results["tuned"]
+    near = nearest_train(trained_on, [it["prompt"][-1]["content"] for it in items + qa])
+    n_ans, n_qa = near[: len(items)], near[len(items) :]
+    nearest = summarize(items, None, n_ans, qa, n_qa)
     compute = {"machine": hardware.machine(), "loss_dtype": modeling.resolve_dtype("auto"), "engine": engine,
                "generate_dtype": dtype if engine == "vllm" else modeling.resolve_dtype("auto")}  # fmt: skip
-    result = _clean({"base": base, "tuned": tuned, "delta": delta(tuned, base), "compute": compute})
+    result = _clean({"base": base, "tuned": tuned, "delta": delta(tuned, base), "nearest_train": nearest,
+                     "compute": compute})  # fmt: skip
     samples = [{"set": "test", "id": it["id"], "lang": it["lang"], "prompt": it["prompt"][-1]["content"],
-                "reference": it["reference"], "base": b, "tuned": t, "score_base": metrics.term_recall(b, it["reference"]),
-                "score_tuned": metrics.term_recall(t, it["reference"])}
-               for it, b, t in zip(items, b_ans, t_ans, strict=True)]  # fmt: skip
+                "reference": it["reference"], "base": b, "tuned": t, "nearest_train": n,
+                "score_base": metrics.term_recall(b, it["reference"]), "score_tuned": metrics.term_recall(t, it["reference"])}
+               for it, b, t, n in zip(items, b_ans, t_ans, n_ans, strict=True)]  # fmt: skip
     samples += [{"set": "qa", "id": it["id"], "lang": it["lang"], "prompt": it["prompt"][-1]["content"],
-                 "reference": " | ".join(it["keywords"]), "base": b, "tuned": t,
+                 "reference": " | ".join(it["keywords"]), "base": b, "tuned": t, "nearest_train": n,
                  "score_base": metrics.keyword_score(b, it["keywords"]),
                  "score_tuned": metrics.keyword_score(t, it["keywords"])}
-                for it, b, t in zip(qa, b_qa, t_qa, strict=True)]  # fmt: skip
+                for it, b, t, n in zip(qa, b_qa, t_qa, n_qa, strict=True)]  # fmt: skip
     io.write_json(paths.eval_metrics, result)
     io.write_jsonl(paths.eval_samples, samples)
-    io.write_text(paths.eval_plot, plot_csv(base, tuned))
+    io.write_text(paths.eval_plot, plot_csv({"base": base, "tuned": tuned, "nearest_train": nearest}))
     logger.info("done", seconds=round(time.perf_counter() - t0, 1),
                 **{f"{m}.{k}": v for m in ("base", "tuned") for k, v in result[m].items() if k not in LANGS})  # fmt: skip
     return result

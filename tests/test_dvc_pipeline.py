@@ -44,5 +44,5 @@ def test_dag_has_exactly_the_declared_edges():
         ("base", "package"), ("preprocess", "synthetic"), ("preprocess", "train"), ("preprocess", "merge"),
         ("preprocess", "evaluate"), ("docs_snapshot", "synthetic"), ("synthetic", "train"), ("train", "merge"),
         ("train", "package"), ("merge", "evaluate"), ("merge", "package"), ("base", "evaluate_base"),
-        ("preprocess", "evaluate_base"), ("evaluate_base", "evaluate"),
+        ("preprocess", "evaluate_base"), ("evaluate_base", "evaluate"), ("synthetic", "evaluate"),
     }  # fmt: skip

@@ -18,6 +18,10 @@ QA = [
     {"id": "en-1", "lang": "en", "question": "How do I upload tracked data?", "keywords": ["dvc push"]},
     {"id": "ko-1", "lang": "ko", "question": "실험을 비교하려면?", "keywords": ["dvc exp show", "--only-changed"]},
 ]
+PUSH = "Run `dvc push`: it uploads the cached files to the default remote."
+ASK = {"role": "user", "content": "How do I upload my tracked data files?"}
+SYNTHETIC = [{"id": "s-1", "lang": "en", "source": "synthetic:docs", "n_tokens": 0,
+              "messages": [ASK, {"role": "assistant", "content": PUSH}]}]  # fmt: skip
 
 
 def _pipeline(tmp_path, tiny_model_dir, method: str, b_std: float, **overrides):
@@ -36,6 +40,7 @@ def _pipeline(tmp_path, tiny_model_dir, method: str, b_std: float, **overrides):
     )
     p = config.load(params, "evaluate")
     write_processed(tmp_path / "data" / "processed", n_per_split=4)
+    io.write_jsonl(p.paths.synthetic_train, SYNTHETIC)
     io.write_jsonl(p.paths.qa_set, QA)
     make_adapter(tiny_model_dir, tmp_path / "models" / "adapter", method=method, b_std=b_std)
     merge.main(str(params))
@@ -51,7 +56,7 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     monkeypatch.setattr(scoring, "vllm_usable", lambda: True)
     monkeypatch.setattr(scoring, "generate_vllm", broken_vllm)
     res = evaluate.main(str(params))
-    assert set(res) == {"base", "tuned", "delta", "compute"}
+    assert set(res) == {"base", "tuned", "delta", "nearest_train", "compute"}
     for model in ("base", "tuned"):
         assert set(res[model]) == SCOPE_KEYS | {"en", "ko"}  # overall figures, then per language
         assert set(res[model]["en"]) == set(res[model]["ko"]) == SCOPE_KEYS
@@ -59,6 +64,8 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
         assert res[model]["qa"]["n"] == 2 and res[model]["en"]["qa"]["n"] == res[model]["ko"]["qa"]["n"] == 1
     assert set(res["delta"]) == SCOPE_KEYS - {"n"} | {"en", "ko"}
     assert set(res["delta"]["en"]) == set(res["delta"]["ko"]) == SCOPE_KEYS - {"n"}
+    lookup = SCOPE_KEYS - {"loss", "perplexity"}  # answers looked up, not generated: no losses
+    assert set(res["nearest_train"]) == lookup | {"en", "ko"} and set(res["nearest_train"]["ko"]) == lookup
     dtype = modeling.resolve_dtype("auto")  # what a reviewer needs to compare two machines' figures
     assert res["compute"] == {"machine": hardware.machine(), "loss_dtype": dtype, "generate_dtype": dtype,
                               "engine": "hf"}  # fmt: skip  # vLLM failed to start, auto fell back
@@ -67,7 +74,8 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
     assert [s["set"] for s in samples] == ["test"] * 4 + ["qa"] * 2
     assert [s["id"] for s in samples[:4]] == sorted(s["id"] for s in samples[:4])
-    assert set(samples[0]) == {"set", "id", "lang", "prompt", "reference", "base", "tuned", "score_base", "score_tuned"}
+    assert set(samples[0]) == {"set", "id", "lang", "prompt", "reference", "base", "tuned", "nearest_train",
+                               "score_base", "score_tuned"}  # fmt: skip
     assert samples[5]["reference"] == "dvc exp show | --only-changed"
     for s in samples[4:]:  # each QA row's score is the share of its keywords its answer names
         kw = s["reference"].split(" | ")
@@ -77,8 +85,35 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     with open(tmp_path / "metrics" / "eval_plot.csv", encoding="utf-8") as f:
         plot = list(csv.DictReader(f))
     assert set(plot[0]) == {"metric", "model", "value"}
-    assert len(plot) == 4 * 3 * 2  # (chrF, ROUGE-L, recall, QA) x (all, en, ko) x (base, tuned)
-    assert {r["model"] for r in plot} == {"base", "tuned"}
+    assert len(plot) == 4 * 3 * 3  # (chrF, ROUGE-L, recall, QA) x (all, en, ko) x (base, tuned, nearest_train)
+    assert [r["model"] for r in plot[:3]] == ["base", "tuned", "nearest_train"]
+
+
+def test_nearest_train_answers_each_question_with_the_closest_training_question_s_answer():
+    rows = [*SYNTHETIC, {"id": "t", "lang": "en", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I compare experiments?"},
+        {"role": "assistant", "content": "Use `dvc exp show`."}, {"role": "user", "content": "Only changed ones?"},
+        {"role": "assistant", "content": "Add `--only-changed`."}]}]  # fmt: skip
+    got = evaluate.nearest_train(rows, ["How can I upload tracked data files?", "How to compare experiments?",
+                                        "show only changed ones", "완전히 다른 질문", "qqqqqqq"])  # fmt: skip
+    assert got == [PUSH, "Use `dvc exp show`.", "Add `--only-changed`.", "", ""]  # no shared 5-gram: no answer
+    assert evaluate.nearest_train([], ["How do I upload?"]) == [""]
+
+
+def test_nearest_train_scores_the_lookup_of_what_training_saw(tmp_path, tiny_model_dir):
+    """The QA question nearly repeats a synthetic training question: looked up, its answer names the keyword. With
+    `train.synthetic_repeats: 0` training never saw that row, and the lookup does not use it either."""
+    params, p = _pipeline(tmp_path, tiny_model_dir, "lora", 0.0)
+    res = evaluate.main(str(params))
+    assert res["nearest_train"]["en"]["qa"] == {"score": 1.0, "n": 1}
+    samples = io.read_jsonl(p.paths.eval_samples)
+    trained = {r["messages"][-1]["content"] for r in io.read_jsonl(tmp_path / "data/processed/train.jsonl")}
+    assert all(s["nearest_train"] in trained | {PUSH, ""} for s in samples if s["set"] == "test")  # looked up, verbatim
+    assert [s["nearest_train"] for s in samples if s["id"] == "en-1"] == [PUSH]
+    params = write_params(tmp_path, {"merge.parity_samples": 2, "evaluate.max_samples": 4, "evaluate.max_new_tokens": 8,
+                                     "evaluate.engine": "hf", "train.synthetic_repeats": 0}, base_dir=tiny_model_dir)  # fmt: skip
+    assert evaluate.main(str(params))["nearest_train"]["en"]["qa"]["score"] == 0.0
+    assert PUSH not in {s["nearest_train"] for s in io.read_jsonl(p.paths.eval_samples)}
 
 
 def test_a_fine_tune_reuses_the_base_rows_only_when_scored_alike(tmp_path, tiny_model_dir, monkeypatch):
