@@ -30,6 +30,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmops import config, dedup, hardware, io, log, metrics, modeling, scoring, stage
@@ -62,8 +63,9 @@ def nearest_train(rows: list[dict], questions: list[str]) -> list[str]:
              if m["role"] == "user" and r["messages"][i + 1]["role"] == "assistant"]  # fmt: skip
     if not pairs or not questions:
         return [""] * len(questions)
-    sims = dedup.jaccard(dedup.shingles(questions), dedup.shingles([q for q, _ in pairs])).toarray()
-    return [pairs[j][1] if sims[i, j] > 0 else "" for i, j in enumerate(sims.argmax(axis=1))]
+    sims = dedup.jaccard(dedup.shingles(questions), dedup.shingles([q for q, _ in pairs]))  # sparse: any data size
+    best, top = np.asarray(sims.argmax(axis=1)).ravel(), sims.max(axis=1).toarray().ravel()
+    return [pairs[j][1] if s > 0 else "" for j, s in zip(best, top, strict=True)]
 
 
 def summarize(
@@ -165,7 +167,8 @@ def main(params_file: str = "params.yaml") -> dict:
                      "compute": compute})  # fmt: skip
     samples = [{"set": "test", "id": it["id"], "lang": it["lang"], "prompt": it["prompt"][-1]["content"],
                 "reference": it["reference"], "base": b, "tuned": t, "nearest_train": n,
-                "score_base": metrics.term_recall(b, it["reference"]), "score_tuned": metrics.term_recall(t, it["reference"])}
+                "score_base": metrics.term_recall(b, it["reference"]),
+                "score_tuned": metrics.term_recall(t, it["reference"])}
                for it, b, t, n in zip(items, b_ans, t_ans, n_ans, strict=True)]  # fmt: skip
     samples += [{"set": "qa", "id": it["id"], "lang": it["lang"], "prompt": it["prompt"][-1]["content"],
                  "reference": " | ".join(it["keywords"]), "base": b, "tuned": t, "nearest_train": n,

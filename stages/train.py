@@ -6,8 +6,8 @@
 
 transformers' Trainer runs the loop (eval, checkpoints, resume, early stopping, NEFTune, DDP through accelerate)
 over token-budget micro-batches (llmops.packing). Runs live under `paths.checkpoint_dir` (llmops.checkpoints): a
-killed run resumes, a finished one is exported again instead of retrained, the last few are kept. Tracking: one MLflow run per training (llmops.tracking). Everything that can fail (params, inputs, target
-modules, the tracking server) is checked before anything is trained or deleted.
+killed run resumes, a finished one is exported again, not retrained, the last few are kept; MLflow: one run per
+training (llmops.tracking). Params, inputs, target modules, tracking server: checked before any training or deletion.
 Outputs: the adapter (`paths.adapter_dir`, + tokenizer and train_provenance.json), `paths.train_metrics` and the
 per-step `paths.train_curve`, all byte-identical for identical inputs on one machine (same thread count), and
 `paths.train_speed` (tokens/s, seconds: the one output that differs run to run; no stage depends on it).
