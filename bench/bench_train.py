@@ -6,7 +6,10 @@
 Needs `dvc repro preprocess synthetic` (reads `paths.processed_dir` and `paths.synthetic_train`). Subsamples
 (seeded) `--rows` train rows (seed + synthetic mixed as in the stage) and `--val-rows` val rows so it runs in
 minutes on a 2-core CPU. Arms, each for one epoch over the same rows with `train.*` LoRA settings:
-  ours          stages.train.main() on the subsample (params.yaml train section, evals/saves only at the end)
+  ours          stages.train.main() on the subsample (params.yaml train section, evals/saves only at the end);
+                the vocabulary head runs only at the positions that predict a label (`packing.logit_positions`)
+  ours_full_head  the same with every position through the head and its cross-entropy (the stage before
+                2026-12-02): what trimming the head buys, side by side
   bare          the roofline of one training step of the same model: `stages.train.build_model` (nf4 + double
                 quant, LoRA on `train.target_modules`, the compute dtype `auto` picks), AdamW, a dense 8x256 batch
                 of random tokens, a plain loop: no Trainer, no data pipeline, no padding, no evals
@@ -72,16 +75,27 @@ def matmul_peak(n: int = 1024, seconds: float = 2.0) -> dict[str, float]:
     return out
 
 
-def train_flops_per_token(model_dir: str) -> float:
-    """≈ 4·N per trained token for LoRA: forward 2N + backward through activations 2N (frozen weights get
-    no gradient; the adapters' own FLOPs are < 1 % at r=16). N counts the lm_head matmul once."""
+def train_flops(model_dir: str) -> tuple[float, float]:
+    """(per trained token in the layers, per position through the head): ≈ 4·N for LoRA, forward 2N + backward
+    through activations 2N (frozen weights get no gradient; the adapters' own FLOPs are < 1 % at r=16). A full
+    step sends every token through the head; ours only the positions that predict a label."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
     d, f, L, v = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     kv = d * c.num_key_value_heads // c.num_attention_heads
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * f  # q,o + k,v + gate,up,down
-    return 4.0 * (L * per_layer + d * v)
+    return 4.0 * L * per_layer, 4.0 * d * v
+
+
+def head_share(p: config.Params, rows: list[dict]) -> float:
+    """Positions the stage sends through the head per real token, over the batches it makes of `rows`."""
+    tok = modeling.load_tokenizer(p.paths.base_dir)
+    ex = packing.encode_rows(rows, tok, chat.end_of_turn_id(tok), p.preprocess.max_seq_len)
+    batches = packing.make_batches(ex, p.train.tokens_per_batch, p.train.packing, p.seed)
+    col = packing.Collator(p.train.packing, tok.pad_token_id)
+    kept = sum(len(b["labels"]) * len(b["logits_to_keep"]) for b in map(col, ([x] for x in batches)))
+    return kept / sum(len(e["input_ids"]) for e in ex)
 
 
 def step_timer():
@@ -107,7 +121,7 @@ def lora_config(t: config.Train):
                       target_modules=list(t.target_modules), task_type="CAUSAL_LM")  # fmt: skip
 
 
-def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: list[dict]) -> dict:
+def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: list[dict], name: str = "ours") -> dict:
     raw = yaml.safe_load(params_file.read_text())
     for key in (
         "processed_dir",
@@ -118,21 +132,27 @@ def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: li
         "train_curve",
         "train_speed",
     ):
-        raw["paths"][key] = str(work / "ours" / key)
-    raw["paths"]["mlflow_uri"] = f"sqlite:///{work / 'ours' / 'mlflow.db'}"
+        raw["paths"][key] = str(work / name / key)
+    raw["paths"]["mlflow_uri"] = f"sqlite:///{work / name / 'mlflow.db'}"
     raw["train"].update(epochs=1, max_steps=-1, eval_every=10**6, save_every=10**6, early_stopping_patience=0)
-    io.write_jsonl(work / "ours/processed_dir/train.jsonl", train_rows)
-    io.write_jsonl(work / "ours/processed_dir/val.jsonl", val_rows)
-    io.write_jsonl(work / "ours/synthetic_train", [])
-    bench_params = work / "ours" / "params.yaml"
+    io.write_jsonl(work / name / "processed_dir/train.jsonl", train_rows)
+    io.write_jsonl(work / name / "processed_dir/val.jsonl", val_rows)
+    io.write_jsonl(work / name / "synthetic_train", [])
+    bench_params = work / name / "params.yaml"
     bench_params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    m = train.main(str(bench_params))
+    trim = packing.logit_positions
+    if name == "ours_full_head":  # every position but the last (which predicts nothing) through the head
+        packing.logit_positions = lambda labels: torch.arange(labels.shape[1] - 1)
+    try:
+        m = train.main(str(bench_params))
+    finally:
+        packing.logit_positions = trim
     step_s = m["tokens_seen"] / m["tokens_per_s"]  # the stage's own clock: summed optimizer-step time
     return {
         "tokens": m["tokens_seen"],
         "step_s": step_s,
         "train_s": m["train_wall_s"],
-        "adapter": work / "ours/adapter_dir",
+        "adapter": work / name / "adapter_dir",
     }
 
 
@@ -196,7 +216,10 @@ def main() -> None:
     if hardware.cpu_has_native_bf16() or torch.cuda.is_available():
         a.trl_default_rows = len(rows)  # TRL's bf16 default is native here: the fair arm, on every row
     res["peak_flops"] = matmul_peak()
-    res["flops_per_token"] = train_flops_per_token(paths.base_dir)
+    layers, head = train_flops(paths.base_dir)
+    res["head_positions_per_token"] = head_share(p, rows)
+    res["flops_per_token"] = {arm: layers + head for arm in ARMS}  # a dense step: every position through the head
+    res["flops_per_token"]["ours"] = layers + head * res["head_positions_per_token"]
 
     try:
         run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res)
@@ -205,11 +228,13 @@ def main() -> None:
 
 
 def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None:
-    """ours, bare, then trl_fp32 and trl_default; each adds its entry to `res` as soon as it is done."""
+    """ours, ours_full_head, bare, then trl_fp32 and trl_default; each adds its entry to `res` when done."""
     paths = p.paths
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         ours = run_ours(params_file, work, rows, val)
+        full = run_ours(params_file, work, rows, val, "ours_full_head")
+        res["ours_full_head"] = {k: full[k] for k in ("tokens", "step_s", "train_s")}
         res["bare"] = run_bare(p, dtype)
         from peft import PeftModel
 
@@ -228,7 +253,7 @@ def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None
             res["trl_default"] = {"rows": a.trl_default_rows, **{k: d[k] for k in ("tokens", "step_s", "train_s")}}
 
 
-ARMS = ("ours", "bare", "trl_fp32", "trl_default")
+ARMS = ("ours", "ours_full_head", "bare", "trl_fp32", "trl_default")
 
 
 def report(res: dict, t0: float, json_path: str | None) -> None:
@@ -237,6 +262,8 @@ def report(res: dict, t0: float, json_path: str | None) -> None:
         if arm in res:
             res[arm]["tokens_per_s"] = res[arm]["tokens"] / res[arm]["step_s"]
             res[arm]["runtime_tokens_per_s"] = res[arm]["tokens"] / res[arm]["train_s"]
+    if "ours" in res and "ours_full_head" in res:
+        res["ratio_vs_full_head"] = res["ours"]["tokens_per_s"] / res["ours_full_head"]["tokens_per_s"]
     if "ours" in res and "bare" in res:
         res["ratio_vs_bare"] = res["ours"]["tokens_per_s"] / res["bare"]["tokens_per_s"]
     if "ours" in res and "trl_fp32" in res:
@@ -246,7 +273,7 @@ def report(res: dict, t0: float, json_path: str | None) -> None:
     if "peak_flops" in res and "flops_per_token" in res:
         for arm in ARMS:
             if arm in res:
-                achieved = res[arm]["tokens_per_s"] * res["flops_per_token"]
+                achieved = res[arm]["tokens_per_s"] * res["flops_per_token"][arm]
                 res[arm]["achieved_tflops"] = achieved / 1e12
                 res[arm]["share_of_bf16_peak"] = achieved / res["peak_flops"]["bfloat16"]
                 res[arm]["share_of_fp32_peak"] = achieved / res["peak_flops"]["float32"]

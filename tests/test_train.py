@@ -141,10 +141,44 @@ def test_collators_flatten_with_restarting_positions_or_pad_with_a_mask():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert packed["labels"].tolist() == [[-100, 11, 2, -100, 2]]
     assert "attention_mask" not in packed  # with a mask transformers would not split the sequences
+    assert packed["logits_to_keep"].tolist() == [0, 1, 3]  # the positions that predict a label
     padded = packing.Collator(False, pad_id=2)([{"examples": [a, b]}])
     assert padded["input_ids"].tolist() == [[1, 10, 11], [1, 20, 2]]
     assert padded["labels"].tolist() == [[-100, 11, 2], [-100, 2, -100]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert padded["logits_to_keep"].tolist() == [0, 1]  # any row's: position 1 predicts row a's end of turn
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_trimmed_logits_give_the_full_forward_loss_and_gradients(tmp_path, tiny_model_dir, packed):
+    """The collator's `logits_to_keep` spares the vocabulary head the positions that predict nothing; the step must
+    not change: same loss, same LoRA gradients as a forward that projects every position."""
+    params = setup_run(tmp_path, tiny_model_dir, {"train.method": "lora"})
+    tok = modeling.load_tokenizer(tiny_model_dir)
+    rows = _rows("seed_en.jsonl", 0, 2, "seed") + _rows("seed_ko.jsonl", 0, 2, "seed")  # prompts of unequal length
+    batch = packing.Collator(packed, tok.pad_token_id)([{"examples": packing.encode_rows(rows, tok, 2, 768)}])
+    labels, keep = batch.pop("labels"), batch.pop("logits_to_keep")
+    assert 0 < len(keep) < labels.shape[1] - 1  # prompt positions were dropped
+    model = train.build_model(tiny_model_dir, config.load(params, "train").train, "float32", {"": "cpu"}, seed=0)
+    with torch.no_grad():  # LoRA B is zero at init, so its gradient is the one that shows a difference
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    loss_fn, n = packing.token_weighted_loss([]), (labels[:, 1:] != -100).sum()
+    results = []
+    for kwargs in ({}, {"logits_to_keep": keep}, {"logits_to_keep": keep - 1}):  # the last: a misaligned control
+        model.zero_grad()
+        out = model(**batch, **kwargs)
+        loss = loss_fn(out, labels, num_items_in_batch=n)
+        loss.backward()
+        grads = {k: v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
+        results.append((out.logits.shape[1], loss.item(), grads))
+    (full_len, full, full_g), (kept_len, trimmed, trim_g), (_, shifted, _) = results
+    assert (full_len, kept_len) == (labels.shape[1], len(keep))
+    assert trimmed == pytest.approx(full, rel=1e-6)
+    for k, g in full_g.items():
+        torch.testing.assert_close(trim_g[k], g, rtol=1e-4, atol=1e-6)
+    assert abs(shifted - full) > 1000 * max(abs(trimmed - full), 1e-6)  # scoring the wrong positions shows
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
