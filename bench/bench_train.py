@@ -94,7 +94,7 @@ def head_share(p: config.Params, rows: list[dict]) -> float:
     ex = packing.encode_rows(rows, tok, chat.end_of_turn_id(tok), p.preprocess.max_seq_len)
     batches = packing.make_batches(ex, p.train.tokens_per_batch, p.train.packing, p.seed)
     col = packing.Collator(p.train.packing, tok.pad_token_id)
-    kept = sum(len(b["labels"]) * len(b["logits_to_keep"]) for b in map(col, ([x] for x in batches)))
+    kept = sum(len(b["labels"]) * len(b["logits_to_keep"]) for b in (col([x]) for x in batches))
     return kept / sum(len(e["input_ids"]) for e in ex)
 
 
