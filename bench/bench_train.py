@@ -19,6 +19,8 @@ minutes on a 2-core CPU. Arms, each for one epoch over the same rows with `train
                 slower) on AVX2-only CPUs, where it runs `--trl-default-rows` rows only and reports throughput
   trl_fp32      SFTTrainer defaults + the model object our stage builds (same nf4/fp32 weights) and bf16=False:
                 the one change that makes TRL's CPU numerics match ours
+Before the arms, one untimed run of `ours` warms the process (kernel creation per matmul shape), so no arm pays
+for going first.
 Real tokens/s = non-padding tokens trained / summed optimizer-step time (forward, backward, optimizer; the
 Trainer's end-of-training eval and checkpoint save excluded for every arm). `runtime_tokens_per_s` divides by
 the whole train() wall time instead.
@@ -232,6 +234,10 @@ def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None
     paths = p.paths
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
+        # Untimed: a process's first training run pays one-off costs (oneDNN builds a kernel per new matmul
+        # shape, allocator growth) that the arms after it do not. Measured on the AVX512-BF16 box, whichever
+        # arm ran first was 10-15 % slower (full head first 217.8 tok/s, then ours 257.9 and ours again 239.3).
+        run_ours(params_file, work, rows, val, "warmup")
         ours = run_ours(params_file, work, rows, val)
         full = run_ours(params_file, work, rows, val, "ours_full_head")
         res["ours_full_head"] = {k: full[k] for k in ("tokens", "step_s", "train_s")}

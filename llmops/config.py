@@ -66,6 +66,7 @@ class Paths(Section):
     train_speed: StrictStr
     merged_dir: StrictStr
     merge_metrics: StrictStr
+    machine: StrictStr
     eval_base: StrictStr
     eval_metrics: StrictStr
     eval_samples: StrictStr

@@ -45,4 +45,5 @@ def test_dag_has_exactly_the_declared_edges():
         ("preprocess", "evaluate"), ("docs_snapshot", "synthetic"), ("synthetic", "train"), ("train", "merge"),
         ("train", "package"), ("merge", "evaluate"), ("merge", "package"), ("base", "evaluate_base"),
         ("preprocess", "evaluate_base"), ("evaluate_base", "evaluate"), ("synthetic", "evaluate"),
+        ("machine", "evaluate_base"), ("machine", "evaluate"),
     }  # fmt: skip

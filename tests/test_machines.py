@@ -28,6 +28,25 @@ def test_auto_decisions_follow_the_machine_kind(kind):
     assert (hardware.OVERRIDE in hardware.cpu_kind()) == forced  # metrics say when the kind was overridden
 
 
+def test_machine_stage_records_what_the_dtypes_follow(kind, tmp_path, monkeypatch):
+    """The file evaluate_base/evaluate depend on changes when `auto` would resolve differently (here: the CPU
+    kind, GPUs hidden) and not otherwise: a rerun on the same kind writes the same bytes, so DVC reruns nothing."""
+    from stages import machine
+    from tests.conftest import write_params
+
+    params = write_params(tmp_path, {})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU seen: the CPU kind decides
+    out = machine.main(str(params))
+    assert out == {"gpus": [], "cpu_native_bf16": kind == "bfloat16"}
+    path = tmp_path / "metrics" / "machine.json"
+    first = path.read_bytes()
+    assert io.read_json(path) == out
+    machine.main(str(params))
+    assert path.read_bytes() == first
+    monkeypatch.setenv(hardware.OVERRIDE, "0" if kind == "bfloat16" else "1")
+    assert machine.main(str(params))["cpu_native_bf16"] != out["cpu_native_bf16"]
+
+
 def test_train_merge_evaluate_pass_their_gates_and_a_botched_merge_fails(kind, tmp_path, tiny_model_dir, monkeypatch):
     over = {"train.max_steps": 4, "merge.parity_samples": 3, "evaluate.engine": "hf", "evaluate.max_samples": 4,
             "evaluate.max_new_tokens": 4}  # fmt: skip

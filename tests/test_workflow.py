@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmops import hardware
 from tests.conftest import _git
 from tests.test_dvc_pipeline import dvc
 
+ALWAYS = {"machine"}  # always_changed: checks on every repro what decides this machine's dtypes
 ALL_STAGES = {"base", "preprocess", "docs_snapshot", "synthetic", "train", "merge", "evaluate_base", "evaluate",
-              "package"}  # fmt: skip
-TRAIN_AND_AFTER = {"train", "merge", "evaluate", "package"}
+              "package", *ALWAYS}  # fmt: skip
+TRAIN_AND_AFTER = {"train", "merge", "evaluate", "package", *ALWAYS}
 
 
 def tiny_pipeline(repo: Path, tiny_model_dir: Path) -> None:
@@ -36,13 +38,25 @@ def ran(output: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_review_workflow_end_to_end(repo_copy, tiny_model_dir):
+def test_review_workflow_end_to_end(repo_copy, tiny_model_dir, monkeypatch):
     repo = repo_copy
     tiny_pipeline(repo, tiny_model_dir)
 
     # 1. the whole pipeline, then a no-op second run
     assert ran(dvc(repo, "repro").stdout) == ALL_STAGES
-    assert ran(dvc(repo, "repro").stdout) == set()
+    assert ran(dvc(repo, "repro").stdout) == ALWAYS
+
+    # 1b. the checkout on the other CPU kind (bf16 vs fp32 `auto`): evaluation reruns once, with the base's rows
+    # scored there and reused by evaluate (not scored twice); training does not rerun. And back again.
+    for kind in ("0" if hardware.cpu_has_native_bf16() else "1", None):
+        if kind is None:
+            monkeypatch.delenv(hardware.OVERRIDE)
+        else:
+            monkeypatch.setenv(hardware.OVERRIDE, kind)
+        moved = dvc(repo, "repro")
+        assert ran(moved.stdout) == {"evaluate_base", "evaluate", *ALWAYS}
+        assert "base_rescored" not in moved.stdout + moved.stderr
+        assert ran(dvc(repo, "repro").stdout) == ALWAYS
     _git(repo, "add", "-A")
     _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline run")
 
@@ -54,7 +68,9 @@ def test_review_workflow_end_to_end(repo_copy, tiny_model_dir):
         p[section][key] = value
         (repo / "params.yaml").write_text(yaml.safe_dump(p, allow_unicode=True, sort_keys=False))
         try:
-            return ran(dvc(repo, "repro", "--dry").stdout)
+            stages = ran(dvc(repo, "repro", "--dry").stdout)
+            assert ALWAYS <= stages
+            return stages - ALWAYS
         finally:
             (repo / "params.yaml").write_text(original)
 
