@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from glob import glob
 
+from llmops.stage import StageError
+
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one makes bf16 matmuls native on a CPU
 ISA_FLAGS = (*BF16_FLAGS, "avx512f", "avx2")  # most capable first: the first present names the CPU kind
 OVERRIDE = "LLMOPS_NATIVE_BF16"
@@ -30,6 +32,10 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+class OverrideError(StageError, ValueError):
+    """`LLMOPS_NATIVE_BF16` set to something else than 0/1: a stage prints it as its one error line."""
+
+
 def _override() -> bool | None:
     raw = os.environ.get(OVERRIDE, "").strip().lower()
     if raw in ("", "auto"):
@@ -38,7 +44,7 @@ def _override() -> bool | None:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{OVERRIDE}={raw!r}: expected 0 or 1 (or unset to detect)")
+    raise OverrideError(f"{OVERRIDE}={raw!r}: expected 0 or 1 (or unset to detect); fix or unset it")
 
 
 def cpu_has_native_bf16() -> bool:

@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from llmops import config, log
+from llmops import config, hardware, log
 from serve import launcher, smoke
 
 PARAMS = "params.yaml"
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     is_smoke = bool(argv) and argv[0] == "smoke"
     try:
         smoke_main(argv[1:]) if is_smoke else launch_main(argv)
-    except (config.ParamsError, launcher.LaunchError) as e:
+    except (config.ParamsError, launcher.LaunchError, hardware.OverrideError) as e:
         sys.exit(f"serve: error: {e}")
     except smoke.SmokeError as e:
         sys.exit(f"serve smoke: error: {e}")

@@ -438,6 +438,9 @@ CASES = [
          over={"synthetic.generator": "teacher", "synthetic.teacher.base_url": "http://127.0.0.1:{port}/v1",
                "synthetic.teacher.max_retries": 0, "synthetic.teacher.timeout_s": 5, "synthetic.teacher.n_prompts": 2},
          setup=snapshot_and_processed),
+    # ---- the machine-kind override: every stage reads it (machine first, on each `dvc repro`)
+    Case("machine-override-not-a-bool", "machine", (r"LLMOPS_NATIVE_BF16='maybe': expected 0 or 1", r"fix or unset it"),
+         env={"LLMOPS_NATIVE_BF16": "maybe"}),
     Case("train-mlflow-unreachable", "train",
          (r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1:\d+ is unreachable", r"unset MLFLOW_TRACKING_URI|start (the|an|your) MLflow server"),
          setup=train_inputs, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}),
