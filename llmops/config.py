@@ -213,6 +213,10 @@ class Merge(Section):
 class Evaluate(Section):
     max_samples: StrictInt = Field(ge=1)
     max_new_tokens: StrictInt = Field(ge=1)
+    base_max_new_tokens: StrictInt = Field(ge=1)
+    """evaluate_base answers up to this many tokens and evaluate cuts the base's answers to max_new_tokens (greedy
+    decoding: the tokens a shorter budget gives), so changing max_new_tokens up to it reruns only evaluate. Above
+    it, evaluate scores the base itself."""
     batch_size: StrictInt = Field(ge=1)
     engine: Literal["auto", "vllm", "hf"]
 

@@ -171,19 +171,39 @@ def served_sampling(base_dir: Path, gen: config.Generation) -> tuple[list[int], 
 
 def settings(base_dir: Path, items: list[dict], qa: list[dict], eos: list[int], defaults: dict, e: config.Evaluate,
              engine: str, dtype: str, seed: int) -> dict:  # fmt: skip
-    """Everything the base model's scores depend on: evaluate reuses evaluate_base's rows only when these match
-    (batch_size: transformers' left-padded greedy batches may differ in the last digits from one row alone)."""
+    """Everything the base model's stored scores depend on: evaluate reuses evaluate_base's rows only when these
+    match (batch_size: transformers' left-padded greedy batches may differ in the last digits from one row alone).
+    `max_new_tokens` is evaluate_base's budget (`base_max_new_tokens`): its answers are cut to evaluate's."""
     data = json.dumps([[it["messages"] for it in items], [[it["prompt"], it["keywords"]] for it in qa]], sort_keys=True)
     return {"model": modeling.read_provenance(base_dir).get("files", {}), "data_sha256": hashlib.sha256(
-            data.encode()).hexdigest(), "eos": eos, **defaults, "max_new_tokens": e.max_new_tokens,
+            data.encode()).hexdigest(), "eos": eos, **defaults, "max_new_tokens": e.base_max_new_tokens,
             "batch_size": e.batch_size, "engine": engine, "generate_dtype": dtype,
             "loss_dtype": modeling.resolve_dtype("auto"), "seed": seed}  # fmt: skip
 
 
+def pack_ids(answers: list[list[int]]) -> list[str]:
+    """Token ids as one space-separated string per answer: a line each in the git-tracked JSON, not one per id."""
+    return [" ".join(map(str, ids)) for ids in answers]
+
+
+def cut(model_dir: Path, stored: dict, max_new: int) -> dict:
+    """Stored (evaluate_base) rows with each answer cut to its first `max_new` tokens and decoded as score_model
+    decodes: greedy decoding is token by token, so this is the answer a `max_new` budget gives (checked in
+    tests/test_evaluate.py; on the default, all 124 answers at 96 tokens equal the first 96 of 192)."""
+    tok = modeling.load_tokenizer(model_dir)
+    out = {k: v for k, v in stored.items() if k in ("losses", "engine")}
+    for key in ("answers", "qa_answers"):
+        out[key] = [decode(tok, [int(t) for t in ids.split()][:max_new]) for ids in stored[f"{key[:-1]}_ids"]]
+    return out
+
+
 def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Evaluate, engine: str, dtype: str,
-                eos: list[int], defaults: dict, seed: int, stage: str = "evaluate") -> dict:  # fmt: skip
-    """{losses (per test row), answers (test), qa_answers, engine used}; `auto` falls back to hf if vLLM fails.
-    vLLM runs `dtype` (what serving runs); transformers computes in modeling.resolve_dtype("auto")."""
+                eos: list[int], defaults: dict, seed: int, stage: str = "evaluate",
+                max_new: int | None = None) -> dict:  # fmt: skip
+    """{losses (per test row), answers (test), qa_answers, answer_ids, qa_answer_ids (pack_ids), engine used}; up
+    to `max_new` tokens (default `evaluate.max_new_tokens`); `auto` falls back to hf if vLLM fails. vLLM runs
+    `dtype` (what serving runs); transformers computes in modeling.resolve_dtype("auto")."""
+    max_new = max_new or e.max_new_tokens
     logger = log.get(stage)
     tok = modeling.load_tokenizer(model_dir)
     eot = chat.end_of_turn_id(tok)
@@ -191,7 +211,7 @@ def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Ev
     ids, t0 = None, time.perf_counter()
     if engine in ("vllm", "auto"):
         try:
-            ids = generate_vllm(model_dir, prompts, eos, defaults, e.max_new_tokens, dtype, seed)
+            ids = generate_vllm(model_dir, prompts, eos, defaults, max_new, dtype, seed)
             engine = "vllm"
         except Exception as err:  # vLLM fails in many ways (no kernels for this CPU, OOM, ...)
             if engine == "vllm":
@@ -203,10 +223,11 @@ def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Ev
     t2 = time.perf_counter()
     if ids is None:
         engine = "hf"
-        ids = generate_hf(model, prompts, eos, defaults, e.max_new_tokens, e.batch_size)
+        ids = generate_hf(model, prompts, eos, defaults, max_new, e.batch_size)
     del model
     logger.info("scored", model=model_dir.name, engine=engine, answer_tokens=sum(map(len, ids)),
                 generate_s=round(time.perf_counter() - t2 + t1 - t0, 1), loss_s=round(t2 - t1, 1))  # fmt: skip
     gc.collect()
-    answers = [decode(tok, a) for a in ids]
-    return {"losses": losses, "answers": answers[: len(items)], "qa_answers": answers[len(items) :], "engine": engine}
+    answers, packed, n = [decode(tok, a) for a in ids], pack_ids(ids), len(items)
+    return {"losses": losses, "answers": answers[:n], "qa_answers": answers[n:], "answer_ids": packed[:n],
+            "qa_answer_ids": packed[n:], "engine": engine}  # fmt: skip

@@ -12,7 +12,9 @@ when it imports; no engine subprocess: ~5 s to start, not ~60), greedy, up to `e
 chat template, stop ids and sampling defaults (repetition penalty) of the tuned model's generation_config.json for
 both models: what `make serve` answers with. Decoded at whole characters. The merge's gate is not repeated here.
 The base model's rows come from `paths.eval_base` (stage evaluate_base: a fine-tune experiment doesn't score the
-base again) when they were scored with this run's settings (llmops.scoring.settings), else the base is scored here.
+base again) when they were scored with this run's settings (llmops.scoring.settings), answers cut to
+`max_new_tokens` (scoring.cut: answered to `base_max_new_tokens`, so an evaluate-only change reruns this stage
+alone), else the base is scored here.
 `nearest_train` scores the same sets answered by lookup, not by a model: each question gets the training answer
 whose question is closest in wording (`nearest_train`). It marks what the training data can teach: a tuned model
 below it on QA recalls only part of what it saw; the base above it on a metric shows that metric rewarding
@@ -119,18 +121,24 @@ def _clean(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def base_scores(paths: config.Paths, expected: dict) -> dict | None:
-    """evaluate_base's rows when they were scored with `expected` settings, else None (and the log says why)."""
-    path = Path(paths.eval_base)
+def base_scores(paths: config.Paths, expected: dict, max_new: int) -> dict | None:
+    """evaluate_base's rows when they were scored with `expected` settings, at least `max_new` tokens long and with
+    their token ids, else None (and the log says why)."""
+    path, logger = Path(paths.eval_base), log.get("evaluate")
     if not path.exists():
         return None
     stored = io.read_json(path)
     have = stored.get("settings") if isinstance(stored, dict) else None
-    if have == expected:
+    if have == expected and max_new <= have["max_new_tokens"] and {"answer_ids", "qa_answer_ids"} <= stored.keys():
         return stored
+    if have == expected:
+        why = (f"evaluate.max_new_tokens {max_new} > the {have['max_new_tokens']} answered there "
+               "(evaluate.base_max_new_tokens)" if max_new > have["max_new_tokens"] else "it has no answer ids")  # fmt: skip
+        logger.info("base_rescored", reason=f"{path}: {why}")
+        return None
     have = have if isinstance(have, dict) else {}  # not evaluate_base's shape: a stale cache, scored again
     differ = sorted(k for k in expected.keys() | have.keys() if have.get(k) != expected.get(k))
-    log.get("evaluate").info("base_rescored", reason=f"{path} was scored with other {', '.join(differ)}")
+    logger.info("base_rescored", reason=f"{path} was scored with other {', '.join(differ)}")
     return None
 
 
@@ -153,8 +161,9 @@ def main(params_file: str = "params.yaml") -> dict:
     scored = {"tuned": scoring.score_model(merged_dir, items, qa, e, engine, dtype, eos, defaults, p.seed)}
     engine = scored["tuned"]["engine"]
     want = scoring.settings(base_dir, items, qa, eos, defaults, e, engine, dtype, p.seed)
-    scored["base"] = base_scores(paths, want) or scoring.score_model(base_dir, items, qa, e, engine, dtype, eos,
-                                                                     defaults, p.seed)  # fmt: skip
+    stored = base_scores(paths, want, e.max_new_tokens)
+    scored["base"] = (scoring.cut(base_dir, stored, e.max_new_tokens) if stored else
+                      scoring.score_model(base_dir, items, qa, e, engine, dtype, eos, defaults, p.seed))  # fmt: skip
     results = {m: (summarize(items, s["losses"], s["answers"], qa, s["qa_answers"]), s["answers"], s["qa_answers"])
                for m, s in scored.items()}  # fmt: skip
     (base, b_ans, b_qa), (tuned, t_ans, t_qa) = results["base"], results["tuned"]

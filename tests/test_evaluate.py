@@ -118,22 +118,51 @@ def test_nearest_train_scores_the_lookup_of_what_training_saw(tmp_path, tiny_mod
 
 def test_a_fine_tune_reuses_the_base_rows_only_when_scored_alike(tmp_path, tiny_model_dir, monkeypatch):
     """evaluate_base scores the base once; evaluate then scores only the tuned model and its figures are exactly
-    those of scoring both here. Rows scored with other settings (here max_new_tokens) are scored again."""
-    params, p = _pipeline(tmp_path, tiny_model_dir, "qlora", 0.05)
-    alone = evaluate.main(str(params))  # no evaluate_base output yet: the base is scored in-process
+    those of scoring both here. evaluate_base answers to `base_max_new_tokens` (12) and evaluate cuts them to its
+    `max_new_tokens` (8, then 5): an evaluate-only change scores the tuned model alone (what the cut gives: the next
+    test). A budget above 12, or other settings, score the base again."""
+    over = {"merge.parity_samples": 2, "evaluate.max_samples": 4, "evaluate.batch_size": 3, "evaluate.engine": "hf",
+            "evaluate.base_max_new_tokens": 12}  # fmt: skip
+    params, p = _pipeline(tmp_path, tiny_model_dir, "qlora", 0.05, **over)
+    alone = evaluate.main(str(params))  # no evaluate_base output yet: the base is scored in-process, to 8 tokens
     stored = evaluate_base.main(str(params))
     assert io.read_json(p.paths.eval_base) == stored and stored["engine"] == "hf"
+    assert {len(ids.split()) for ids in stored["answer_ids"] + stored["qa_answer_ids"]} == {12}
     scored, score_model = [], scoring.score_model
     monkeypatch.setattr(scoring, "score_model", lambda d, *a: scored.append(d.name) or score_model(d, *a))
     assert evaluate.main(str(params)) == alone and scored == ["merged"]
-    params = write_params(tmp_path, {"merge.parity_samples": 2, "evaluate.max_samples": 4, "evaluate.batch_size": 3,
-                                     "evaluate.max_new_tokens": 5, "evaluate.engine": "hf"}, base_dir=tiny_model_dir)  # fmt: skip
-    scored.clear()
-    again = evaluate.main(str(params))
-    assert scored == ["merged", tiny_model_dir.name] and again["base"]["loss"] == alone["base"]["loss"]
+
+    def rerun(**changed) -> dict:
+        scored.clear()
+        return evaluate.main(str(write_params(tmp_path, {**over, **changed}, base_dir=tiny_model_dir)))
+
+    shorter = rerun(**{"evaluate.max_new_tokens": 5})  # an evaluate-only change: the base rows are reused, cut
+    assert scored == ["merged"] and shorter["base"]["loss"] == alone["base"]["loss"]
+    eval_base = io.read_json(p.paths.eval_base)
     io.write_json(p.paths.eval_base, ["not", "evaluate_base's", "rows"])  # a stale or foreign file: scored again
-    scored.clear()
-    assert evaluate.main(str(params)) == again and scored == ["merged", tiny_model_dir.name]
+    assert rerun(**{"evaluate.max_new_tokens": 5}) == shorter and scored == ["merged", tiny_model_dir.name]
+    io.write_json(p.paths.eval_base, eval_base)
+    rerun(**{"evaluate.max_new_tokens": 16})  # longer than evaluate_base answered
+    assert scored == ["merged", tiny_model_dir.name]
+    rerun(**{"evaluate.max_new_tokens": 5, "evaluate.batch_size": 2})  # other settings
+    assert scored == ["merged", tiny_model_dir.name]
+
+
+def test_answers_cut_to_a_shorter_budget_are_the_answers_of_that_budget(tmp_path, base_model_dir):
+    """What evaluate does with evaluate_base's rows (scoring.cut): greedy answers to 16 tokens, cut to 6, are the
+    answers, text and all, of a 6-token run (the real model: the tiny random one repeats a newline)."""
+    params = write_params(tmp_path, {"evaluate.max_samples": 2, "evaluate.batch_size": 2, "evaluate.engine": "hf"},
+                          base_dir=base_model_dir)  # fmt: skip
+    p = config.load(params, "evaluate")
+    write_processed(tmp_path / "data" / "processed", n_per_split=2)
+    io.write_jsonl(p.paths.qa_set, QA)
+    items, qa = scoring.eval_sets(p.paths, p.evaluate)
+    eos, defaults = scoring.sampling_defaults(base_model_dir)
+    args = (base_model_dir, items, qa, p.evaluate, "hf", "bfloat16", eos, defaults, p.seed, "evaluate")
+    long, short = scoring.score_model(*args, 16), scoring.score_model(*args, 6)
+    assert scoring.cut(base_model_dir, long, 6) == {k: short[k] for k in ("losses", "engine", "answers", "qa_answers")}
+    assert all(s and s != t for s, t in zip(short["answers"] + short["qa_answers"],
+                                            long["answers"] + long["qa_answers"], strict=True))  # fmt: skip
 
 
 def test_keyword_score_counts_named_keywords_not_echoes():
@@ -243,7 +272,8 @@ def test_generation_stops_at_every_served_eos_id(tiny_model_dir):
 
 @pytest.mark.slow
 def test_vllm_engine_answers_like_hf_generate(base_model_dir):
-    """The vllm engine (what serving runs) and HF generate agree on greedy answers of the real model."""
+    """The vllm engine (what serving runs) and HF generate agree on greedy answers of the real model; its answers
+    to a shorter budget are the first tokens of the longer ones."""
     pytest.importorskip("vllm")
     tok = modeling.load_tokenizer(base_model_dir)
     questions = ("How do I push DVC-tracked data to a remote?", "LoRA의 rank는 무엇을 조절하나요?")
@@ -251,6 +281,9 @@ def test_vllm_engine_answers_like_hf_generate(base_model_dir):
     eos, defaults = scoring.sampling_defaults(base_model_dir)
     threads = torch.get_num_threads()
     served = scoring.generate_vllm(base_model_dir, prompts, eos, defaults, max_new=12, dtype="bfloat16", seed=0)
+    # a shorter budget gives the first tokens of a longer one (evaluate cuts evaluate_base's answers to its own)
+    short = scoring.generate_vllm(base_model_dir, prompts, eos, defaults, max_new=5, dtype="bfloat16", seed=0)
+    assert short == [s[:5] for s in served]
     # the engine is gone and so is its grip on the process: torch threads can be set again (its CPU worker
     # replaces torch.set_num_threads with a no-op), and the count is what it was
     assert torch.get_num_threads() == threads

@@ -29,7 +29,7 @@ def tiny_pipeline(repo: Path, tiny_model_dir: Path) -> None:
     p["base"].update(model=str(tiny_model_dir), sha256="", gguf_file="")
     p["synthetic"]["max_rows"] = 40
     p["train"].update(method="lora", max_steps=2, tokens_per_batch=1024, eval_every=1, save_every=1)
-    p["evaluate"].update(max_samples=3, max_new_tokens=6, engine="hf")
+    p["evaluate"].update(max_samples=3, max_new_tokens=6, base_max_new_tokens=8, engine="hf")
     (repo / "params.yaml").write_text(yaml.safe_dump(p, allow_unicode=True, sort_keys=False))
     _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny params")
 
@@ -77,12 +77,17 @@ def test_review_workflow_end_to_end(repo_copy, tiny_model_dir, monkeypatch):
 
     # `repro --dry` lists the stages whose own params changed; what follows a changed output reruns too,
     # which the real experiment in step 3 checks. package digests every model-shaping section (not evaluate).
-    # The base is scored again only for what changes its answers: evaluate or the served sampling, never train.
-    assert would_run("evaluate.max_new_tokens", 5) == {"evaluate_base", "evaluate"}
+    # The base is scored again only for what changes its answers: its sets, budget, engine or the served
+    # repetition penalty, never train.
+    # evaluate_base answers to base_max_new_tokens: a shorter max_new_tokens only cuts them (stage evaluate)
+    assert would_run("evaluate.max_new_tokens", 5) == {"evaluate"}
+    assert would_run("evaluate.base_max_new_tokens", 7) == {"evaluate_base", "evaluate"}
     assert would_run("train.lr", 0.001) == {"train", "package"}
     assert would_run("merge.max_kl", 0.06) == {"merge", "package"}
     assert would_run("merge.generation", {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.2,
                                           "max_new_tokens": 512}) == {"merge", "evaluate_base", "package"}  # fmt: skip
+    assert would_run("merge.generation", {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1,
+                                          "max_new_tokens": 512}) == {"merge", "package"}  # fmt: skip
     assert would_run("preprocess.val_frac", 0.12) == {"preprocess", "package"}
 
     # 3. an experiment in the workspace, side by side with the baseline
@@ -93,6 +98,9 @@ def test_review_workflow_end_to_end(repo_copy, tiny_model_dir, monkeypatch):
     names = {e.get("name") for row in exps for e in (row.get("experiments") or [])}
     assert "lr-hi" in names, names
     assert "metrics/eval.json" in shown and '"lr": 0.001' in shown
+    # an evaluation setting on top: evaluate alone, the base's stored answers cut to the shorter budget
+    short = dvc(repo, "exp", "run", "-n", "short", "-S", "evaluate.max_new_tokens=4")
+    assert ran(short.stdout) == {"evaluate", *ALWAYS} and "base_rescored" not in short.stdout + short.stderr
 
     # 4. review: metrics diff and plots diff (HTML with the loss curve and the base-vs-tuned bars)
     diff = dvc(repo, "metrics", "diff", "--json").stdout
