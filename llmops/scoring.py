@@ -198,12 +198,10 @@ def cut(model_dir: Path, stored: dict, max_new: int) -> dict:
 
 
 def score_model(model_dir: Path, items: list[dict], qa: list[dict], e: config.Evaluate, engine: str, dtype: str,
-                eos: list[int], defaults: dict, seed: int, stage: str = "evaluate",
-                max_new: int | None = None) -> dict:  # fmt: skip
+                eos: list[int], defaults: dict, seed: int, stage: str, max_new: int) -> dict:  # fmt: skip
     """{losses (per test row), answers (test), qa_answers, answer_ids, qa_answer_ids (pack_ids), engine used}; up
-    to `max_new` tokens (default `evaluate.max_new_tokens`); `auto` falls back to hf if vLLM fails. vLLM runs
-    `dtype` (what serving runs); transformers computes in modeling.resolve_dtype("auto")."""
-    max_new = max_new or e.max_new_tokens
+    to `max_new` tokens (each stage passes the budget it declares in dvc.yaml); `auto` falls back to hf if vLLM
+    fails. vLLM runs `dtype` (what serving runs); transformers computes in modeling.resolve_dtype("auto")."""
     logger = log.get(stage)
     tok = modeling.load_tokenizer(model_dir)
     eot = chat.end_of_turn_id(tok)

@@ -158,12 +158,16 @@ def main(params_file: str = "params.yaml") -> dict:
     torch.manual_seed(p.seed)
     t0 = time.perf_counter()
     eos, defaults = scoring.sampling_defaults(merged_dir)  # what the tuned model is served with; the base gets the same
-    scored = {"tuned": scoring.score_model(merged_dir, items, qa, e, engine, dtype, eos, defaults, p.seed)}
-    engine = scored["tuned"]["engine"]
+
+    def score(model_dir: Path, engine: str) -> dict:
+        return scoring.score_model(model_dir, items, qa, e, engine, dtype, eos, defaults, p.seed, "evaluate",
+                                   e.max_new_tokens)  # fmt: skip
+
+    scored = {"tuned": score(merged_dir, engine)}
+    engine = scored["tuned"]["engine"]  # the base is scored alike: no second vLLM try after a fallback
     want = scoring.settings(base_dir, items, qa, eos, defaults, e, engine, dtype, p.seed)
     stored = base_scores(paths, want, e.max_new_tokens)
-    scored["base"] = (scoring.cut(base_dir, stored, e.max_new_tokens) if stored else
-                      scoring.score_model(base_dir, items, qa, e, engine, dtype, eos, defaults, p.seed))  # fmt: skip
+    scored["base"] = scoring.cut(base_dir, stored, e.max_new_tokens) if stored else score(base_dir, engine)
     results = {m: (summarize(items, s["losses"], s["answers"], qa, s["qa_answers"]), s["answers"], s["qa_answers"])
                for m, s in scored.items()}  # fmt: skip
     (base, b_ans, b_qa), (tuned, t_ans, t_qa) = results["base"], results["tuned"]

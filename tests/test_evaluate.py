@@ -116,11 +116,12 @@ def test_nearest_train_scores_the_lookup_of_what_training_saw(tmp_path, tiny_mod
     assert PUSH not in {s["nearest_train"] for s in io.read_jsonl(p.paths.eval_samples)}
 
 
-def test_a_fine_tune_reuses_the_base_rows_only_when_scored_alike(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_fine_tune_reuses_the_base_rows_only_when_scored_alike(tmp_path, tiny_model_dir, monkeypatch, caplog):
     """evaluate_base scores the base once; evaluate then scores only the tuned model and its figures are exactly
     those of scoring both here. evaluate_base answers to `base_max_new_tokens` (12) and evaluate cuts them to its
     `max_new_tokens` (8, then 5): an evaluate-only change scores the tuned model alone (what the cut gives: the next
-    test). A budget above 12, or other settings, score the base again."""
+    two tests; the tiny random model only repeats a newline). A budget above 12, rows without ids or other
+    settings score the base again, and the log says why."""
     over = {"merge.parity_samples": 2, "evaluate.max_samples": 4, "evaluate.batch_size": 3, "evaluate.engine": "hf",
             "evaluate.base_max_new_tokens": 12}  # fmt: skip
     params, p = _pipeline(tmp_path, tiny_model_dir, "qlora", 0.05, **over)
@@ -134,18 +135,42 @@ def test_a_fine_tune_reuses_the_base_rows_only_when_scored_alike(tmp_path, tiny_
 
     def rerun(**changed) -> dict:
         scored.clear()
+        caplog.clear()
         return evaluate.main(str(write_params(tmp_path, {**over, **changed}, base_dir=tiny_model_dir)))
 
     shorter = rerun(**{"evaluate.max_new_tokens": 5})  # an evaluate-only change: the base rows are reused, cut
-    assert scored == ["merged"] and shorter["base"]["loss"] == alone["base"]["loss"]
-    eval_base = io.read_json(p.paths.eval_base)
+    assert scored == ["merged"] and "base_rescored" not in caplog.text
     io.write_json(p.paths.eval_base, ["not", "evaluate_base's", "rows"])  # a stale or foreign file: scored again
     assert rerun(**{"evaluate.max_new_tokens": 5}) == shorter and scored == ["merged", tiny_model_dir.name]
-    io.write_json(p.paths.eval_base, eval_base)
+    io.write_json(p.paths.eval_base, {k: v for k, v in stored.items() if k != "qa_answer_ids"})  # an older format
+    assert rerun(**{"evaluate.max_new_tokens": 5}) == shorter and scored == ["merged", tiny_model_dir.name]
+    assert "it has no answer ids" in caplog.text
+    io.write_json(p.paths.eval_base, stored)
     rerun(**{"evaluate.max_new_tokens": 16})  # longer than evaluate_base answered
     assert scored == ["merged", tiny_model_dir.name]
+    assert "evaluate.max_new_tokens 16 > the 12 answered there (evaluate.base_max_new_tokens)" in caplog.text
     rerun(**{"evaluate.max_new_tokens": 5, "evaluate.batch_size": 2})  # other settings
-    assert scored == ["merged", tiny_model_dir.name]
+    assert scored == ["merged", tiny_model_dir.name] and "scored with other batch_size" in caplog.text
+
+
+def test_cut_decodes_the_first_ids_of_each_stored_answer(base_model_dir):
+    """scoring.cut on stored rows made by hand: each answer is its first `max_new` ids decoded as score_model does
+    (whole characters: a Korean syllable split across byte tokens is dropped, not shown as U+FFFD); losses and
+    engine are carried over; an empty answer stays empty."""
+    tok = modeling.load_tokenizer(base_model_dir)
+    en, ko = (
+        tok.encode(t, add_special_tokens=False) for t in ("Run `dvc push` to upload the data.", "데이터를 올리세요")
+    )
+    stored = {"losses": [{"nll": 1.5, "n": 3}, {"nll": 2.0, "n": 4}], "engine": "vllm", "settings": {},
+              "answer_ids": scoring.pack_ids([en, []]), "qa_answer_ids": scoring.pack_ids([ko])}  # fmt: skip
+    split = next(n for n in range(1, len(ko)) if "\ufffd" in tok.decode(ko[:n]))  # a cut inside a syllable
+    full = scoring.cut(base_model_dir, stored, 1000)
+    assert full == {"losses": stored["losses"], "engine": "vllm", "answers": ["Run `dvc push` to upload the data.", ""],
+                    "qa_answers": ["데이터를 올리세요"]}  # fmt: skip
+    short = scoring.cut(base_model_dir, stored, 4)
+    assert short["answers"] == [tok.decode(en[:4]).strip(), ""] and len(short["answers"][0]) < len(full["answers"][0])
+    korean = scoring.cut(base_model_dir, stored, split)["qa_answers"][0]
+    assert "\ufffd" not in korean and "데이터를 올리세요".startswith(korean)
 
 
 def test_answers_cut_to_a_shorter_budget_are_the_answers_of_that_budget(tmp_path, base_model_dir):

@@ -100,7 +100,9 @@ def test_review_workflow_end_to_end(repo_copy, tiny_model_dir, monkeypatch):
     assert "metrics/eval.json" in shown and '"lr": 0.001' in shown
     # an evaluation setting on top: evaluate alone, the base's stored answers cut to the shorter budget
     short = dvc(repo, "exp", "run", "-n", "short", "-S", "evaluate.max_new_tokens=4")
-    assert ran(short.stdout) == {"evaluate", *ALWAYS} and "base_rescored" not in short.stdout + short.stderr
+    logs = short.stdout + short.stderr
+    assert ran(short.stdout) == {"evaluate", *ALWAYS} and "base_rescored" not in logs
+    assert re.findall(r'"model": "(\w+)", "engine": "\w+", "answer_tokens"', logs) == ["merged"]  # one model scored
 
     # 4. review: metrics diff and plots diff (HTML with the loss curve and the base-vs-tuned bars)
     diff = dvc(repo, "metrics", "diff", "--json").stdout
