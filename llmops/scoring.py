@@ -191,9 +191,9 @@ def cut(model_dir: Path, stored: dict, max_new: int) -> dict:
     decodes: greedy decoding is token by token, so this is the answer a `max_new` budget gives (checked in
     tests/test_evaluate.py; on the default, all 124 answers at 96 tokens equal the first 96 of 192)."""
     tok = modeling.load_tokenizer(model_dir)
-    out = {k: v for k, v in stored.items() if k in ("losses", "engine")}
-    for key in ("answers", "qa_answers"):
-        out[key] = [decode(tok, [int(t) for t in ids.split()][:max_new]) for ids in stored[f"{key[:-1]}_ids"]]
+    out = {"losses": stored["losses"], "engine": stored["engine"]}
+    for key, ids_key in (("answers", "answer_ids"), ("qa_answers", "qa_answer_ids")):
+        out[key] = [decode(tok, [int(t) for t in ids.split()][:max_new]) for ids in stored[ids_key]]
     return out
 
 

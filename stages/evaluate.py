@@ -129,16 +129,18 @@ def base_scores(paths: config.Paths, expected: dict, max_new: int) -> dict | Non
         return None
     stored = io.read_json(path)
     have = stored.get("settings") if isinstance(stored, dict) else None
-    if have == expected and max_new <= have["max_new_tokens"] and {"answer_ids", "qa_answer_ids"} <= stored.keys():
+    if have != expected:
+        have = have if isinstance(have, dict) else {}  # not evaluate_base's shape: a stale cache, scored again
+        differ = sorted(k for k in expected.keys() | have.keys() if have.get(k) != expected.get(k))
+        why = f"scored with other {', '.join(differ)}"
+    elif max_new > have["max_new_tokens"]:
+        why = f"evaluate.max_new_tokens {max_new} > the {have['max_new_tokens']} answered there"
+        why += " (evaluate.base_max_new_tokens)"
+    elif not {"answer_ids", "qa_answer_ids"} <= stored.keys():
+        why = "it has no answer ids"
+    else:
         return stored
-    if have == expected:
-        why = (f"evaluate.max_new_tokens {max_new} > the {have['max_new_tokens']} answered there "
-               "(evaluate.base_max_new_tokens)" if max_new > have["max_new_tokens"] else "it has no answer ids")  # fmt: skip
-        logger.info("base_rescored", reason=f"{path}: {why}")
-        return None
-    have = have if isinstance(have, dict) else {}  # not evaluate_base's shape: a stale cache, scored again
-    differ = sorted(k for k in expected.keys() | have.keys() if have.get(k) != expected.get(k))
-    logger.info("base_rescored", reason=f"{path} was scored with other {', '.join(differ)}")
+    logger.info("base_rescored", reason=f"{path}: {why}")
     return None
 
 
