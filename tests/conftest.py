@@ -70,6 +70,16 @@ def write_params(tmp: Path, overrides: dict | None = None, base_dir: Path | None
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stage_logging():
+    """Logging configured once before any test: a stage's first `llmops.log.get` reconfigures the root logger
+    (`basicConfig(force=True)`), which inside a test would drop the handler `caplog` installed for it, so a test
+    asserting on the log would pass or fail by which test ran first."""
+    from llmops import log
+
+    log.get("tests")
+
+
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory) -> Path:
     """The real embedded base model (SmolLM2-135M-Instruct, bf16). Reuses the repo's models/base when it
