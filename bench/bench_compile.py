@@ -16,7 +16,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,27 +28,21 @@ VARIANTS = ("eager", "layers", "full")
 def run_variant(params_file: str, variant: str, rounds: int) -> dict:
     import torch
 
+    from bench.bench_train import bare_setup, bare_step
     from llmops import config, hardware
     from stages import train
 
     p = config.load(params_file, "train", "preprocess")
     dtype, _ = train.resolve_compute(p.train, 1)
-    torch.manual_seed(p.seed)
-    model = train.build_model(Path(p.paths.base_dir), p.train, dtype, {"": "cpu"}, p.seed).train()
+    model, opt = bare_setup(p, dtype)
     if variant == "layers":  # regional compilation: one graph per decoder layer, reused by all 30
         for layer in model.base_model.model.model.layers:
             layer.compile(dynamic=True)
     elif variant == "full":  # the causal LM with its head and loss: what TrainingArguments(torch_compile=True) does
         model.base_model.model.compile(dynamic=True)
-    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=p.train.lr)
 
     def step(rows: int, length: int) -> float:
-        ids = torch.randint(100, 40000, (rows, length))
-        t = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
+        return bare_step(model, opt, torch.randint(100, 40000, (rows, length)))
 
     warm = {f"{b}x{n}": round(step(b, n), 2) for b, n in SHAPES}  # first call per shape: compiles
     timed = sum(step(b, n) for _ in range(rounds) for b, n in SHAPES)
@@ -67,10 +60,22 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "bench/results/compile.json"))
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: run this variant, print JSON
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    a.params = str(Path(a.params).resolve())  # the children run in the repo root
     if a.one:
         print("RESULT " + json.dumps(run_variant(a.params, a.one, a.rounds)), flush=True)
         return
-    res: dict = {"shapes": SHAPES, "rounds": a.rounds, "torch": __import__("torch").__version__}
+    import torch
+
+    from llmops import config, io, modeling
+    from llmops.stage import StageError
+
+    try:  # before any child starts: a bad params file or a missing/corrupt base is one line, not a traceback
+        modeling.require_model_dir(ROOT / config.load(a.params, "train").paths.base_dir)
+    except StageError as e:
+        sys.exit(str(e))
+    res: dict = {"shapes": SHAPES, "rounds": a.rounds, "torch": torch.__version__}
     for v in a.variants:
         out = subprocess.run([sys.executable, __file__, "--params", a.params, "--rounds", str(a.rounds), "--one", v],
                              capture_output=True, text=True, cwd=ROOT)  # fmt: skip
@@ -82,7 +87,7 @@ def main() -> None:
     for v in a.variants:
         if v != "eager" and "eager" in res:
             res[f"{v}_vs_eager"] = round(res[v]["tokens_per_s"] / res["eager"]["tokens_per_s"], 3)
-    Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    io.write_json(a.json, res)  # temp file + rename: an interrupted run leaves the previous results
     print(json.dumps({k: v for k, v in res.items() if k.endswith("_vs_eager")}))
 
 

@@ -158,19 +158,29 @@ def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: li
     }
 
 
-def run_bare(p: config.Params, dtype: str, steps: int = 8, batch: tuple[int, int] = (8, 256)) -> dict:
-    """Tokens/s of the plain loop forward → backward → AdamW step on a dense batch (2 warm-up steps not timed)."""
+def bare_setup(p: config.Params, dtype: str):
+    """The bare loop's model (`stages.train.build_model`: nf4 + LoRA as `train.*`) and its AdamW, on the CPU."""
     torch.manual_seed(p.seed)
     model = train.build_model(Path(p.paths.base_dir), p.train, dtype, {"": "cpu"}, p.seed).train()
-    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=p.train.lr)
+    return model, torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=p.train.lr)
+
+
+def bare_step(model, opt, ids) -> float:
+    """Seconds of one forward → backward → AdamW step on a dense batch of token ids (labels = the ids)."""
+    t = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def run_bare(p: config.Params, dtype: str, steps: int = 8, batch: tuple[int, int] = (8, 256)) -> dict:
+    """Tokens/s of the plain loop forward → backward → AdamW step on a dense batch (2 warm-up steps not timed)."""
+    model, opt = bare_setup(p, dtype)
     ids = torch.randint(100, 40000, batch)
-    elapsed = 0.0
-    for i in range(steps + 2):
-        t = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        elapsed += (time.perf_counter() - t) if i >= 2 else 0.0
+    for _ in range(2):  # warm-up, not timed
+        bare_step(model, opt, ids)
+    elapsed = sum(bare_step(model, opt, ids) for _ in range(steps))
     return {"tokens": steps * batch[0] * batch[1], "step_s": elapsed, "train_s": elapsed}
 
 
