@@ -112,6 +112,8 @@ class DocsGenerator(Section):
     """Question phrasings per fact and language (capped by the templates a fact kind has)."""
     curated_phrasings: StrictInt = Field(ge=1, le=10)
     """The same for the hand-written facts (`paths.synthetic_facts`)."""
+    curated_related: StrictInt = Field(ge=0, le=5)
+    """Neighbouring facts of the same tool stated after each hand-written fact's answer (0 = none)."""
 
 
 class TeacherGenerator(Section):

@@ -143,6 +143,21 @@ def curated_facts(entries, source: str) -> list[dict]:
     return facts
 
 
+def with_related(facts: list[dict], n: int) -> list[dict]:
+    """Each curated fact with the next `n` facts of its tool (file order, wrapping) stated after its answer (vars
+    `related`, ko `related_ko`): a reply that also names the neighbouring command, flag or API, as a person's answer
+    does ("... then `dvc push`"). A tool with one fact gets none; n = 0 leaves the answers as they were."""
+    out = []
+    for f in facts:
+        same = [g for g in facts if g["vars"]["tool_title"] == f["vars"]["tool_title"]]
+        i = same.index(f)
+        nxt = [same[(i + k) % len(same)] for k in range(1, min(n, len(same) - 1) + 1)]
+        en = " ".join(f"Related {g['vars']['what']}: `{g['key']}`. {first_sentence(g['vars']['summary'])}" for g in nxt)
+        ko = " ".join(f"참고로 `{g['key']}` {g['ko']['what_obj'][:-1]}도 있습니다. {g['ko']['desc']}" for g in nxt)
+        out.append({**f, "vars": {**f["vars"], "related": en}, "ko": {**f["ko"], "related_ko": ko}})
+    return out
+
+
 def _second_person(intent: str) -> str:
     """The user's words for the task as the answer says them back ("upload my data" → "upload your data")."""
     for a, b in (
@@ -204,7 +219,8 @@ def render(fact: dict, lang: str, templates: dict, phrasings: int, seed: int) ->
     out = []
     for i, q in enumerate(rng.sample(questions, min(phrasings, len(questions)))):
         vi = {k: x[i % len(x)] if isinstance(x, list) else x for k, x in v.items()}
-        out.append(Candidate(lang, q.format(**vi), rng.choice(answers).format(**vi), fact["kind"], fact["grounding"]))
+        answer = f"{rng.choice(answers).format(**vi)} {vi.get('related' if lang == 'en' else 'related_ko', '')}".strip()
+        out.append(Candidate(lang, q.format(**vi), answer, fact["kind"], fact["grounding"]))
     return out
 
 

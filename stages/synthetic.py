@@ -9,7 +9,8 @@ Generators (`synthetic.generator`):
            people ask most, in their words), then facts mined from `paths.docs_snapshot`, answered in the words of
            the documentation (or, in Korean, its hand translation in `paths.synthetic_templates`; commands without
            one get no Korean rows). Phrasings come from the templates file, several per kind and language, picked
-           per fact by the seed; curated facts first, then commands, options, API fields.
+           per fact by the seed; curated facts first (each answer then states the next
+           `synthetic.docs.curated_related` facts of its tool), then commands, options, API fields.
   teacher  self-instruct through any OpenAI-compatible endpoint (llmops.teacher), cached in `paths.teacher_cache`.
 Filters, counted in `paths.synthetic_metrics`: empty, refusal, answer length, language, flags a docs-seeded
 teacher answer invents, exact and near duplicates (llmops.dedup) against every processed split, the held-out QA
@@ -137,7 +138,8 @@ def main(params_file: str = "params.yaml") -> dict:
     snap = io.read_json(paths.docs_snapshot)
     templates = docs_qa.read_yaml(paths.synthetic_templates)
     heldout = [r["question"] for r in io.read_jsonl(paths.qa_set)]
-    curated = docs_qa.curated_facts(docs_qa.read_yaml(paths.synthetic_facts), paths.synthetic_facts)
+    curated = docs_qa.with_related(docs_qa.curated_facts(docs_qa.read_yaml(paths.synthetic_facts),
+                                                         paths.synthetic_facts), s.docs.curated_related)  # fmt: skip
     facts = curated + docs_qa.facts(snap, templates.get("skip") or [], templates.get("ko") or {})
     stats = teacher.TeacherStats()
     if s.generator == "docs":

@@ -199,6 +199,28 @@ def test_curated_facts_are_asked_in_the_users_words_in_both_languages():
     assert kinds[:6] == ["curated"] * 6 and kinds[6] == "command"  # curated_phrasings=3: 3 en + 3 ko rows
 
 
+def test_related_facts_follow_the_answer_in_its_language_and_stay_within_the_tool():
+    pull = {**PUSH_FACT, "name": "dvc pull", "summary": "Downloads tracked files from the remote. Then checks out.",
+            "desc": "원격 저장소에서 추적 파일을 내려받습니다. 그다음 체크아웃합니다."}  # fmt: skip
+    serve = {**PUSH_FACT, "name": "vllm serve", "tool": "vLLM", "what": "command"}
+    facts = docs_qa.with_related(docs_qa.curated_facts([PUSH_FACT, pull, serve], "facts.yaml"), 1)
+    en = {f["key"]: docs_qa.render(f, "en", TEMPLATES, 2, 0) for f in facts}
+    ko = {f["key"]: docs_qa.render(f, "ko", TEMPLATES, 2, 0) for f in facts}
+    # the next fact of the same tool (wrapping), its first sentence only, after the fact's own answer
+    assert all(c.answer.endswith("Related command: `dvc pull`. Downloads tracked files from the remote.")
+               for c in en["dvc push"])  # fmt: skip
+    assert all(c.answer.endswith("Related command: `dvc push`. Uploads tracked files from the cache to the default "
+                                 "remote; `-r NAME` picks another.") for c in en["dvc pull"])  # fmt: skip
+    assert all(c.answer.endswith("참고로 `dvc pull` 명령도 있습니다. 원격 저장소에서 추적 파일을 내려받습니다.")
+               for c in ko["dvc push"])  # fmt: skip
+    assert all(text.detect_lang(c.answer) == "en" for c in en["dvc push"])  # no Korean inside an English answer
+    # a tool with one fact gets no related sentence; n = 0 renders the answers as before
+    assert not any("Related" in c.answer or "참고로" in c.answer for c in en["vllm serve"] + ko["vllm serve"])
+    plain = docs_qa.curated_facts([PUSH_FACT, pull], "facts.yaml")
+    assert [docs_qa.render(f, "en", TEMPLATES, 2, 0) for f in docs_qa.with_related(plain, 0)] == [
+        docs_qa.render(f, "en", TEMPLATES, 2, 0) for f in plain]  # fmt: skip
+
+
 def test_repo_facts_are_valid_and_render_in_both_languages():
     assert len(CURATED) >= 100
     for f in CURATED:
@@ -251,7 +273,7 @@ def test_first_sentence_and_intent():
 def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model_dir):
     params = _setup(tmp_path, base_model_dir)
     m = synthetic.main(str(params))
-    p = config.load(params, "synthetic")
+    p = config.load(params, "synthetic", "preprocess")
     out = Path(p.paths.synthetic_train)
     rows, first = io.read_jsonl(out), out.read_bytes()
     assert m["rows"] == len(rows) == p.synthetic.max_rows
@@ -269,7 +291,7 @@ def test_default_params_produce_grounded_deterministic_rows(tmp_path, base_model
              for first in (f["vars"]["summary"], (f["ko"] or {}).get("desc"))}  # fmt: skip
     for r in rows:
         assert set(r) == {"id", "messages", "lang", "source", "n_tokens"} and r["source"] == "synthetic:docs"
-        assert r["id"] == text.row_id(r["messages"]) and 0 < r["n_tokens"] <= 512
+        assert r["id"] == text.row_id(r["messages"]) and 0 < r["n_tokens"] <= p.preprocess.max_seq_len
         assert r["lang"] == text.detect_lang(" ".join(m["content"] for m in r["messages"]))
         answer = r["messages"][-1]["content"]
         assert any(x in answer for x in stated | mined - {None}), answer  # states a written or mined fact
@@ -297,7 +319,8 @@ def test_grounding_of_every_candidate():
 def test_no_synthetic_row_equals_or_nearly_equals_val_test(tmp_path, base_model_dir):
     """Inject val/test rows that a docs candidate would reproduce exactly and almost exactly: both are dropped."""
     ok = _synthetic_params(max_answer_chars=900)
-    stage_order = docs_qa.candidates(CURATED + FACTS, TEMPLATES, 2, 1234, 2)  # what the stage generates first
+    related = docs_qa.with_related(CURATED, repo_params()["synthetic"]["docs"]["curated_related"])
+    stage_order = docs_qa.candidates(related + FACTS, TEMPLATES, 2, 1234, 2)  # what the stage generates first
     cands = [c for c in itertools.islice(stage_order, 50) if not synthetic.row_reason(c, ok)]
     exact, near = cands[0], next(c for c in cands if c.answer != cands[0].answer)
     leak = [_row(_qa(exact.question, exact.answer)), _row(_qa(near.question + "?", near.answer))]
@@ -333,7 +356,7 @@ def _synthetic_params(**kw) -> config.Synthetic:
             "min_answer_chars": 20,
             "max_answer_chars": 200,
             "near_dup_threshold": 0.9,
-            "docs": {"tools": [], "modules": [], "phrasings": 3, "curated_phrasings": 2},
+            "docs": {"tools": [], "modules": [], "phrasings": 3, "curated_phrasings": 2, "curated_related": 1},
             **kw,
         }
     )
