@@ -1,7 +1,7 @@
 """Training throughput: our train stage vs a bare QLoRA step (its roofline) and TRL's SFTTrainer, same model and LoRA.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_train.py [--params params.yaml] [--rows 40] [--val-rows 16]
-                                                           [--trl-default-rows 2] [--json out.json]
+                                                           [--trl-default-rows 2] [--pairs 3] [--json out.json]
 
 Needs `dvc repro preprocess synthetic` (reads `paths.processed_dir` and `paths.synthetic_train`). Subsamples
 (seeded) `--rows` train rows (seed + synthetic mixed as in the stage) and `--val-rows` val rows so it runs in
@@ -10,6 +10,9 @@ minutes on a 2-core CPU. Arms, each for one epoch over the same rows with `train
                 the vocabulary head runs only at the positions that predict a label (`packing.logit_positions`)
   ours_full_head  the same with every position through the head and its cross-entropy (the stage before
                 2026-12-02): what trimming the head buys, side by side
+  ours_eager    the same with `train.compile: none` (no decoder layer compiled; the stage before 2026-12-03):
+                what regional compilation buys; ours and ours_eager run `--pairs` times each, interleaved, and
+                report their median run (a shared VM's speed drifts by more than the difference)
   bare          the roofline of one training step of the same model: `stages.train.build_model` (nf4 + double
                 quant, LoRA on `train.target_modules`, the compute dtype `auto` picks), AdamW, a dense 8x256 batch
                 of random tokens, a plain loop: no Trainer, no data pipeline, no padding, no evals
@@ -137,6 +140,8 @@ def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: li
         raw["paths"][key] = str(work / name / key)
     raw["paths"]["mlflow_uri"] = f"sqlite:///{work / name / 'mlflow.db'}"
     raw["train"].update(epochs=1, max_steps=-1, eval_every=10**6, save_every=10**6, early_stopping_patience=0)
+    if name == "ours_eager":
+        raw["train"]["compile"] = "none"
     io.write_jsonl(work / name / "processed_dir/train.jsonl", train_rows)
     io.write_jsonl(work / name / "processed_dir/val.jsonl", val_rows)
     io.write_jsonl(work / name / "synthetic_train", [])
@@ -159,9 +164,11 @@ def run_ours(params_file: Path, work: Path, train_rows: list[dict], val_rows: li
 
 
 def bare_setup(p: config.Params, dtype: str):
-    """The bare loop's model (`stages.train.build_model`: nf4 + LoRA as `train.*`) and its AdamW, on the CPU."""
+    """The bare loop's model (`stages.train.build_model`: nf4 + LoRA as `train.*`, eager: `train.compile` is
+    the stage's, not the roofline's) and its AdamW, on the CPU."""
     torch.manual_seed(p.seed)
-    model = train.build_model(Path(p.paths.base_dir), p.train, dtype, {"": "cpu"}, p.seed).train()
+    t = p.train.model_copy(update={"compile": "none"})
+    model = train.build_model(Path(p.paths.base_dir), t, dtype, {"": "cpu"}, p.seed).train()
     return model, torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=p.train.lr)
 
 
@@ -172,6 +179,22 @@ def bare_step(model, opt, ids) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t
+
+
+def paired(pairs: int, run) -> tuple[dict, dict]:
+    """`ours` and `ours_eager` `pairs` times each, alternating which goes first, each reported by its median run
+    (+ every run's tokens/s): on a shared 2-core VM one arm's rate moves ±15 % between minutes (2026-12-03: eager
+    237, 214, 248 and compiled 316, 316, 278 tok/s interleaved; one unpaired run of each had them equal)."""
+    runs: dict[str, list[dict]] = {"ours": [], "ours_eager": []}
+    for i in range(pairs):
+        for name in ("ours", "ours_eager") if i % 2 else ("ours_eager", "ours"):
+            runs[name].append(run(name, i))
+    out = []
+    for name in ("ours", "ours_eager"):
+        rates = [r["tokens"] / r["step_s"] for r in runs[name]]
+        median = sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]
+        out.append({**runs[name][median], "runs_tokens_per_s": [round(x, 1) for x in rates]})
+    return out[0], out[1]
 
 
 def run_bare(p: config.Params, dtype: str, steps: int = 8, batch: tuple[int, int] = (8, 256)) -> dict:
@@ -208,8 +231,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--val-rows", type=int, default=16)
     ap.add_argument("--trl-default-rows", type=int, default=2, help="0 skips the bf16-autocast TRL arm")
+    ap.add_argument("--pairs", type=int, default=3, help="runs of ours and ours_eager each, interleaved (median)")
     ap.add_argument("--json", default=str(ROOT / "bench/results/train.json"), help="also write the results here")
     a = ap.parse_args()
+    if a.pairs < 1:
+        ap.error("--pairs must be at least 1")
     t0 = time.perf_counter()
     params_file = Path(a.params)
     p = config.load(params_file, "train", "preprocess")
@@ -240,7 +266,7 @@ def main() -> None:
 
 
 def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None:
-    """ours, ours_full_head, bare, then trl_fp32 and trl_default; each adds its entry to `res` when done."""
+    """ours, ours_full_head, ours_eager, bare, then trl_fp32 and trl_default; each adds its entry to `res` when done."""
     paths = p.paths
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
@@ -248,15 +274,16 @@ def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None
         # shape, allocator growth) that the arms after it do not. Measured on the AVX512-BF16 box, whichever
         # arm ran first was 10-15 % slower (full head first 217.8 tok/s, then ours 257.9 and ours again 239.3).
         run_ours(params_file, work, rows, val, "warmup")
-        ours = run_ours(params_file, work, rows, val)
+        ours, eager = paired(a.pairs, lambda name, i: run_ours(params_file, work / str(i), rows, val, name))
         full = run_ours(params_file, work, rows, val, "ours_full_head")
         res["ours_full_head"] = {k: full[k] for k in ("tokens", "step_s", "train_s")}
+        res["ours_eager"] = {k: eager[k] for k in ("tokens", "step_s", "train_s", "runs_tokens_per_s")}
         res["bare"] = run_bare(p, dtype)
         from peft import PeftModel
 
         base = modeling.load_model(paths.base_dir, quantize_4bit=quantize, dtype=dtype, device_map="cpu")
         res["base_eval_loss"] = val_loss(base, val_ex)
-        res["ours"] = {k: ours[k] for k in ("tokens", "step_s", "train_s")}
+        res["ours"] = {k: ours[k] for k in ("tokens", "step_s", "train_s", "runs_tokens_per_s")}
         res["ours"]["eval_loss"] = val_loss(PeftModel.from_pretrained(base, ours["adapter"]), val_ex)
         del base
         model = modeling.load_model(paths.base_dir, quantize_4bit=quantize, dtype=dtype, device_map="cpu")
@@ -269,7 +296,7 @@ def run_arms(a, p, params_file, rows, val, val_ex, dtype, quantize, res) -> None
             res["trl_default"] = {"rows": a.trl_default_rows, **{k: d[k] for k in ("tokens", "step_s", "train_s")}}
 
 
-ARMS = ("ours", "ours_full_head", "bare", "trl_fp32", "trl_default")
+ARMS = ("ours", "ours_full_head", "ours_eager", "bare", "trl_fp32", "trl_default")
 
 
 def report(res: dict, t0: float, json_path: str | None) -> None:
@@ -280,6 +307,8 @@ def report(res: dict, t0: float, json_path: str | None) -> None:
             res[arm]["runtime_tokens_per_s"] = res[arm]["tokens"] / res[arm]["train_s"]
     if "ours" in res and "ours_full_head" in res:
         res["ratio_vs_full_head"] = res["ours"]["tokens_per_s"] / res["ours_full_head"]["tokens_per_s"]
+    if "ours" in res and "ours_eager" in res:
+        res["ratio_vs_eager"] = res["ours"]["tokens_per_s"] / res["ours_eager"]["tokens_per_s"]
     if "ours" in res and "bare" in res:
         res["ratio_vs_bare"] = res["ours"]["tokens_per_s"] / res["bare"]["tokens_per_s"]
     if "ours" in res and "trl_fp32" in res:

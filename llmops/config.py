@@ -178,6 +178,8 @@ class Train(Section):
     device_map: StrictStr | dict[StrictStr, StrictInt | StrictStr]
     """`auto`, a device string (`cpu`, `cuda:0`), or a {module: device} mapping for mixed GPUs."""
     gradient_checkpointing: StrictBool
+    compile: Literal["none", "layers"]
+    """layers: each decoder layer through torch.compile (regional: one graph, reused by every layer); none: eager."""
     mlflow_experiment: StrictStr
 
     @model_validator(mode="after")

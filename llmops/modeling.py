@@ -175,6 +175,21 @@ def keep_nf4_trainable(model) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def compile_layers(model):
+    """train.compile: layers. Every decoder layer through torch.compile in place (regional compilation; state-dict
+    keys unchanged, so checkpoints and the adapter save as in eager); returns the model. The layers share one graph
+    (compiled once, ~40 s on 2 CPU cores) that fuses the norms, activations, rotary and LoRA elementwise work between
+    the matmuls; the head, the loss and the optimizer stay eager. dynamic=True: the micro-batches' shapes vary."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        raise StageError(f"train.compile: layers needs a decoder with a `layers` list ({type(base).__name__} has "
+                         "none); use train.compile: none")  # fmt: skip
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return model
+
+
 def stop_ids(eos_token_id, eot_id: int | None = None) -> list[int]:
     """A generation config's eos (an id, a list or None) as a sorted list, with the end-of-turn id added: vLLM and
     transformers stop on exactly these, so a reply ends with its turn."""

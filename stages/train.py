@@ -51,9 +51,9 @@ def build_model(base_dir: Path, t: config.Train, compute_dtype: str, device_map,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
     model.config.use_cache = False
     set_seed(seed)  # LoRA A init draws from the torch RNG
-    lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                      target_modules=sorted(t.target_modules), task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                                             target_modules=sorted(t.target_modules), task_type="CAUSAL_LM"))  # fmt: skip
+    return modeling.compile_layers(model) if t.compile == "layers" else model
 
 
 def resolve_compute(t: config.Train, world: int) -> tuple[str, object]:

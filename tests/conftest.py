@@ -63,6 +63,9 @@ def write_params(tmp: Path, overrides: dict | None = None, base_dir: Path | None
     ]
     if base_dir is not None:
         p["paths"]["base_dir"] = str(base_dir)
+    # Eager unless a test asks for the default's compiled layers (tests/test_train.py does): compiling costs
+    # 15-55 s per process, more than a tiny model's whole training run.
+    p["train"]["compile"] = "none"
     for k, v in (overrides or {}).items():
         set_dotted(p, k, v)
     out = tmp / "params.yaml"

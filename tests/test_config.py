@@ -54,6 +54,7 @@ def test_every_problem_reported_at_once_with_key_names():
         ("train.lora_r", 8.5, "train.lora_r: expected an integer"),
         ("train.packing", "yes", "train.packing: expected true or false"),
         ("train.method", "full", "train.method: 'full' is not one of"),
+        ("train.compile", "model", "train.compile: 'model' is not one of"),
         ("preprocess.sources", "data/raw", "preprocess.sources: expected a list"),
         ("preprocess.max_rejected_frac", 1.5, "preprocess.max_rejected_frac: 1.5 must be <= 1.0"),
         ("serve.port", 70000, "serve.port: 70000 must be <= 65535"),

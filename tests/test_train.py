@@ -82,7 +82,7 @@ def _paths(params: Path) -> config.Paths:
 def trained(tiny_model_dir, tmp_path_factory):
     """One full epoch on the tiny model (so the token count is exact), shared by the output tests."""
     tmp = tmp_path_factory.mktemp("train")
-    params = setup_run(tmp, tiny_model_dir, ONE_EPOCH)
+    params = setup_run(tmp, tiny_model_dir, {**ONE_EPOCH, "train.compile": "layers"})  # the default's path
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("DVC_EXP_NAME", "exp-tiny")
@@ -359,7 +359,7 @@ def test_same_params_and_data_give_the_same_output_bytes_in_any_process(trained,
     """Two trainings of the same inputs, the second in a process with another PYTHONHASHSEED (peft's set of target
     modules iterates in hash order): every output file DVC hashes is identical, so nothing downstream reruns."""
     params, first = trained
-    again = setup_run(tmp_path, tiny_model_dir, ONE_EPOCH)
+    again = setup_run(tmp_path, tiny_model_dir, {**ONE_EPOCH, "train.compile": "layers"})
     proc = subprocess.run([sys.executable, "-m", "stages.train", "--params", str(again)], cwd=ROOT,
                           env={**_stage_env(), "PYTHONHASHSEED": "12345", "DVC_EXP_NAME": "exp-tiny"},
                           capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -368,6 +368,43 @@ def test_same_params_and_data_give_the_same_output_bytes_in_any_process(trained,
     for out in ("adapter_dir", "train_metrics", "train_curve"):
         assert _tree_hashes(Path(getattr(a, out))) == _tree_hashes(Path(getattr(b, out))), out
     assert json.loads(Path(b.train_speed).read_text())["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # AVX512-BF16 boxes and GPUs train in bf16, AVX2 in fp32
+def test_compiled_layers_train_as_eager_does(tmp_path, tiny_model_dir, dtype):
+    """train.compile: layers (the default) runs each decoder layer through torch.compile: the same adapter tensors,
+    losses and evals as the eager run up to the fused kernels' rounding, in either compute dtype."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("none", "layers"):
+        params = setup_run(tmp_path / mode, tiny_model_dir, {"train.compile": mode, "train.compute_dtype": dtype})
+        metrics = train.main(str(params))
+        curve = Path(_paths(params).train_curve).read_text().splitlines()[2:]  # per step: loss, eval loss, lr
+        weights = load_file(Path(_paths(params).adapter_dir) / "adapter_model.safetensors")
+        runs[mode] = metrics, [float(x) if x else 0.0 for ln in curve for x in ln.split(",")[1:]], weights
+    (eager, eager_curve, eager_w), (comp, comp_curve, comp_w) = runs["none"], runs["layers"]
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4  # bf16 keeps 8 bits of mantissa: fused kernels round differently
+    assert comp["steps"] == eager["steps"] == 4 and comp["tokens_seen"] == eager["tokens_seen"]
+    assert (
+        comp["eval_loss"] == pytest.approx(eager["eval_loss"], rel=tol) and comp["eval_loss"] < comp["base_eval_loss"]
+    )
+    assert comp_curve == pytest.approx(eager_curve, rel=tol, abs=1e-7)
+    assert comp_w.keys() == eager_w.keys()  # in-place compile: no `_orig_mod.` in the saved names
+    for k in eager_w:  # per tensor (Adam turns a near-zero gradient's rounding into a whole ±lr step on one element)
+        a, b = eager_w[k].float(), comp_w[k].float()
+        assert (b - a).norm() <= tol * a.norm(), k
+
+
+def test_compile_layers_compiles_every_decoder_layer_and_only_them(tmp_path, tiny_model_dir):
+    p = config.load(write_params(tmp_path, {"train.compile": "layers"}), "train")
+    model = train.build_model(tiny_model_dir, p.train, "float32", {"": "cpu"}, p.seed)
+    layers = model.get_base_model().model.layers
+    assert len(layers) == 2 and all(layer._compiled_call_impl is not None for layer in layers)
+    assert model.get_base_model()._compiled_call_impl is None  # the head and the loss stay eager
+    eager = train.build_model(tiny_model_dir, p.train.model_copy(update={"compile": "none"}), "float32",
+                              {"": "cpu"}, p.seed)  # fmt: skip
+    assert all(layer._compiled_call_impl is None for layer in eager.get_base_model().model.layers)
 
 
 def _tree_hashes(path: Path) -> dict[str, str]:
