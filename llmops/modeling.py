@@ -185,9 +185,30 @@ def compile_layers(model):
     if layers is None:
         raise StageError(f"train.compile: layers needs a decoder with a `layers` list ({type(base).__name__} has "
                          "none); use train.compile: none")  # fmt: skip
+    if not cpu_compiler():
+        from llmops import log
+
+        log.get("train").warning("compile_skipped", reason="torch.compile on CPU needs a C++ compiler and none was "
+                                 "found", fix="install g++ (or set CXX), or set train.compile: none")  # fmt: skip
+        return model
     for layer in layers:
         layer.compile(dynamic=True)
     return model
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor would build CPU kernels with, or None (a laptop without one trains eager, with a
+    warning, instead of failing at the first step). Not needed when the model trains on a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        from torch._inductor import cpp_builder  # torch's own search: $CXX, else g++ (clang++ on macOS)
+
+        return cpp_builder.get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - any failure of the search means: no usable compiler
+        return None
 
 
 def stop_ids(eos_token_id, eot_id: int | None = None) -> list[int]:

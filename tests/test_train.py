@@ -407,6 +407,19 @@ def test_compile_layers_compiles_every_decoder_layer_and_only_them(tmp_path, tin
     assert all(layer._compiled_call_impl is None for layer in eager.get_base_model().model.layers)
 
 
+def test_compile_without_a_cpu_compiler_trains_eager_with_a_warning(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("Failed to find a working C++ compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    p = config.load(write_params(tmp_path, {"train.compile": "layers"}), "train")
+    model = train.build_model(tiny_model_dir, p.train, "float32", {"": "cpu"}, p.seed)
+    assert all(layer._compiled_call_impl is None for layer in model.get_base_model().model.layers)
+    assert "compile_skipped" in caplog.text and "train.compile: none" in caplog.text
+
+
 def _tree_hashes(path: Path) -> dict[str, str]:
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     return {str(f.relative_to(path) if path.is_dir() else f.name): io.sha256_file(f) for f in files if f.is_file()}
