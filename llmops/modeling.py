@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmops import hardware
+from llmops import hardware, log
 from llmops.stage import StageError
 
 FIX_BASE = "run `dvc repro base` (or `dvc pull base`)"
@@ -185,9 +185,7 @@ def compile_layers(model):
     if layers is None:
         raise StageError(f"train.compile: layers needs a decoder with a `layers` list ({type(base).__name__} has "
                          "none); use train.compile: none")  # fmt: skip
-    if not cpu_compiler():
-        from llmops import log
-
+    if next(model.parameters()).device.type == "cpu" and not cpu_compiler():  # GPU kernels come from triton
         log.get("train").warning("compile_skipped", reason="torch.compile on CPU needs a C++ compiler and none was "
                                  "found", fix="install g++ (or set CXX), or set train.compile: none")  # fmt: skip
         return model
@@ -198,11 +196,7 @@ def compile_layers(model):
 
 def cpu_compiler() -> str | None:
     """The C++ compiler inductor would build CPU kernels with, or None (a laptop without one trains eager, with a
-    warning, instead of failing at the first step). Not needed when the model trains on a GPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
+    warning, instead of failing at the first step)."""
     try:
         from torch._inductor import cpp_builder  # torch's own search: $CXX, else g++ (clang++ on macOS)
 
