@@ -407,6 +407,17 @@ def test_compile_layers_compiles_every_decoder_layer_and_only_them(tmp_path, tin
     assert all(layer._compiled_call_impl is None for layer in eager.get_base_model().model.layers)
 
 
+def test_compile_layers_on_a_model_without_decoder_layers_names_the_fix():
+    class NoLayers(torch.nn.Linear):  # a causal LM whose decoder keeps its blocks under another name
+        def get_decoder(self):
+            return self
+
+    with pytest.raises(
+        StageError, match=r"needs a decoder with a `layers` list \(NoLayers has none\); use train.compile: none"
+    ):
+        modeling.compile_layers(NoLayers(2, 2))
+
+
 def test_compile_without_a_cpu_compiler_trains_eager_with_a_warning(tmp_path, tiny_model_dir, monkeypatch, caplog):
     from torch._inductor import cpp_builder
 
