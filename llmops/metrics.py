@@ -19,6 +19,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import CHRF
 
@@ -112,14 +113,30 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return CHRF().corpus_score(list(hypotheses), [list(references)]).score
 
 
+def chrf_stats(hypotheses: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """sacrebleu's chrF match counts, one row per answer (integers): summed over any subset of rows they give that
+    subset's corpus chrF, so a bootstrap re-scores resamples without re-reading the texts (sacrebleu's own
+    significance tests do the same)."""
+    stats = CHRF()._extract_corpus_statistics(list(hypotheses), [list(references)])
+    return np.asarray(stats, dtype=np.int64).reshape(len(hypotheses), -1)
+
+
+def chrf_from_stats(summed: Sequence[int]) -> float:
+    """Corpus chrF (0–100) from summed chrf_stats rows."""
+    return CHRF()._compute_score_from_stats([int(x) for x in summed]).score
+
+
+def rouge_l_scores(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Sentence ROUGE-L F1 (0–1) per answer with the Hangul-aware tokenizer."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Tokenizer())
+    return [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references, strict=True)]
+
+
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Mean sentence ROUGE-L F1 (0–1) with the Hangul-aware tokenizer."""
     if not hypotheses:
         return float("nan")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Tokenizer())
-    return sum(scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references, strict=True)) / len(
-        hypotheses
-    )
+    return sum(rouge_l_scores(hypotheses, references)) / len(hypotheses)
 
 
 def mean_recall(hypotheses: Sequence[str], references: Sequence[str]) -> float:

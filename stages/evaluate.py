@@ -19,8 +19,9 @@ alone), else the base is scored here.
 whose question is closest in wording (`nearest_train`). It marks what the training data can teach: a tuned model
 below it on QA recalls only part of what it saw; the base above it on a metric shows that metric rewarding
 something else than the trained facts (English chrF: fluent length).
-Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "nearest_train", "compute"} (`compute`: the machine,
-dtypes and engine: bf16 and fp32 machines differ in the last digits), `paths.eval_samples` (per row: the answers
+Outputs: `paths.eval_metrics` {"base", "tuned", "delta", "delta_ci95", "nearest_train", "compute"} (`delta_ci95`:
+95% paired-bootstrap intervals of the answer metrics' deltas, `delta_ci`; `compute`: the machine, dtypes and
+engine: bf16 and fp32 machines differ in the last digits), `paths.eval_samples` (per row: the answers
 and scores, `set` test | qa) and `paths.eval_plot` (metric, model, value).
 """
 
@@ -30,6 +31,7 @@ import csv
 import io as stdio
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from llmops import config, dedup, hardware, io, log, metrics, modeling, scoring,
 from llmops.scoring import LANGS
 from llmops.stage import StageError
 
+BOOTSTRAP = 1000  # resamples for delta_ci95 (a method constant, not a knob: more moves the bounds' last digit)
 PLOT_METRICS = {  # key, label, scale: every bar on a 0-100 axis
     ("chrf",): ("chrF", 1.0),
     ("rouge_l",): ("ROUGE-L x100", 100.0),
@@ -97,6 +100,54 @@ def summarize(
 
 def delta(tuned: dict, base: dict) -> dict:
     return {k: delta(v, base[k]) if isinstance(v, dict) else v - base[k] for k, v in tuned.items() if k != "n"}
+
+
+def _draws(langs: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """BOOTSTRAP x n row indices per language, drawn within it, and "all": the languages' draws side by side (so
+    the en/ko mix of a resample is the set's)."""
+    out = {}
+    for lang in LANGS:
+        if len(idx := np.flatnonzero(np.array(langs) == lang)):
+            out[lang] = idx[rng.integers(0, len(idx), (BOOTSTRAP, len(idx)))]
+    return {"all": np.concatenate(list(out.values()), axis=1), **out} if out else {}
+
+
+def _interval(x: np.ndarray) -> dict:
+    lo, hi = np.nanpercentile(x, [2.5, 97.5]) if not np.isnan(x).all() else (np.nan, np.nan)
+    return {"lo": round(float(lo), 4), "hi": round(float(hi), 4)}
+
+
+def delta_ci(items: list[dict], qa: list[dict], answers: dict[str, tuple[list[str], list[str]]], seed: int) -> dict:
+    """95% paired-bootstrap intervals of tuned - base for the answer metrics (chrF, ROUGE-L, keyword recall, QA),
+    overall and per language, shaped like `delta`: the same resampled rows for both models, percentile bounds to 4
+    digits. With ~20 rows a language, a delta whose interval holds 0 is one another draw of questions could undo."""
+    refs = [it["reference"] for it in items]
+    rows = {}  # per model: per-row recall (nan: a reference without key terms), ROUGE-L, chrF counts, QA score
+    for m, (ans, qa_ans) in answers.items():
+        recall = [metrics.term_recall(a, r) for a, r in zip(ans, refs, strict=True)]
+        qa_scores = [metrics.keyword_score(a, it["keywords"]) for a, it in zip(qa_ans, qa, strict=True)]
+        rows[m] = {"keyword_recall": np.array([np.nan if x is None else x for x in recall]), "qa": np.array(qa_scores),
+                   "rouge_l": np.array(metrics.rouge_l_scores(ans, refs)), "chrf": metrics.chrf_stats(ans, refs)}  # fmt: skip
+    t, b = rows["tuned"], rows["base"]
+    rng = np.random.default_rng(seed)
+    test, qa_draws = _draws([it["lang"] for it in items], rng), _draws([it["lang"] for it in qa], rng)
+    out: dict = {}
+    for scope in ("all", *LANGS):
+        node: dict = {}
+        if (d := test.get(scope)) is not None:
+            with warnings.catch_warnings(action="ignore"):  # a resample whose references have no key terms: nan
+                node["keyword_recall"] = _interval(np.nanmean(t["keyword_recall"][d], 1)
+                                                   - np.nanmean(b["keyword_recall"][d], 1))  # fmt: skip
+            node["rouge_l"] = _interval(t["rouge_l"][d].mean(1) - b["rouge_l"][d].mean(1))
+            chrf = {m: np.array([metrics.chrf_from_stats(s) for s in r["chrf"][d].sum(1)]) for m, r in rows.items()}
+            node["chrf"] = _interval(chrf["tuned"] - chrf["base"])
+        if (d := qa_draws.get(scope)) is not None:
+            node["qa"] = {"score": _interval(t["qa"][d].mean(1) - b["qa"][d].mean(1))}
+        if scope == "all":
+            out.update(node)
+        elif node:
+            out[scope] = node
+    return out
 
 
 def plot_csv(models: dict[str, dict]) -> str:
@@ -178,8 +229,9 @@ def main(params_file: str = "params.yaml") -> dict:
     nearest = summarize(items, None, n_ans, qa, n_qa)
     compute = {"machine": hardware.machine(), "loss_dtype": modeling.resolve_dtype("auto"), "engine": engine,
                "generate_dtype": dtype if engine == "vllm" else modeling.resolve_dtype("auto")}  # fmt: skip
-    result = _clean({"base": base, "tuned": tuned, "delta": delta(tuned, base), "nearest_train": nearest,
-                     "compute": compute})  # fmt: skip
+    ci = delta_ci(items, qa, {"base": (b_ans, b_qa), "tuned": (t_ans, t_qa)}, p.seed)
+    result = _clean({"base": base, "tuned": tuned, "delta": delta(tuned, base), "delta_ci95": ci,
+                     "nearest_train": nearest, "compute": compute})  # fmt: skip
     samples = [{"set": "test", "id": it["id"], "lang": it["lang"], "prompt": it["prompt"][-1]["content"],
                 "reference": it["reference"], "base": b, "tuned": t, "nearest_train": n,
                 "score_base": metrics.term_recall(b, it["reference"]),

@@ -56,7 +56,7 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
     monkeypatch.setattr(scoring, "vllm_usable", lambda: True)
     monkeypatch.setattr(scoring, "generate_vllm", broken_vllm)
     res = evaluate.main(str(params))
-    assert set(res) == {"base", "tuned", "delta", "nearest_train", "compute"}
+    assert set(res) == {"base", "tuned", "delta", "delta_ci95", "nearest_train", "compute"}
     for model in ("base", "tuned"):
         assert set(res[model]) == SCOPE_KEYS | {"en", "ko"}  # overall figures, then per language
         assert set(res[model]["en"]) == set(res[model]["ko"]) == SCOPE_KEYS
@@ -64,6 +64,8 @@ def test_outputs_have_exact_keys_and_auto_falls_back_to_hf(tmp_path, tiny_model_
         assert res[model]["qa"]["n"] == 2 and res[model]["en"]["qa"]["n"] == res[model]["ko"]["qa"]["n"] == 1
     assert set(res["delta"]) == SCOPE_KEYS - {"n"} | {"en", "ko"}
     assert set(res["delta"]["en"]) == set(res["delta"]["ko"]) == SCOPE_KEYS - {"n"}
+    answer_keys = {"chrf", "rouge_l", "keyword_recall", "qa"}  # intervals for what answers score, not for losses
+    assert set(res["delta_ci95"]) == answer_keys | {"en", "ko"} and set(res["delta_ci95"]["ko"]) == answer_keys
     lookup = SCOPE_KEYS - {"loss", "perplexity"}  # answers looked up, not generated: no losses
     assert set(res["nearest_train"]) == lookup | {"en", "ko"} and set(res["nearest_train"]["ko"]) == lookup
     dtype = modeling.resolve_dtype("auto")  # what a reviewer needs to compare two machines' figures
@@ -249,8 +251,45 @@ def test_zero_adapter_gives_zero_deltas(tmp_path, tiny_model_dir):
     # loss, perplexity, chrf, rouge_l, keyword_recall, qa.score: overall, en and ko
     assert len(leaves(d)) == 18 and all(v == 0.0 for v in leaves(d) if v is not None)
     assert d["loss"] == 0.0 and d["chrf"] == 0.0
+    assert all(v == 0.0 for v in leaves(res["delta_ci95"]) if v is not None)  # the same answers: no spread either
     samples = io.read_jsonl(tmp_path / "metrics" / "samples.jsonl")
     assert len(samples) == 6 and all(s["base"] == s["tuned"] for s in samples)
+
+
+def _ci_sets():
+    """6 test rows (3 en, 3 ko) and 4 QA rows; the tuned answers name every key term and keyword, the base's none."""
+    refs = ["Run `dvc push` to upload.", "Use `--max-model-len 8192`.", "Set `lora_dropout=0.05`.",
+            "`dvc repro -s train`로 실행해.", "`CUBLAS_WORKSPACE_CONFIG=:4096:8`을 설정하세요.", "`kubectl logs`로 확인해."]  # fmt: skip
+    items = [{"reference": r, "lang": "en" if i < 3 else "ko"} for i, r in enumerate(refs)]
+    qa = [{"keywords": k, "lang": lang} for k, lang in ((["dvc push"], "en"), (["vllm serve"], "en"),
+          (["dvc gc"], "ko"), (["mlflow.set_tag"], "ko"))]  # fmt: skip
+    tuned = (refs, [" and ".join(q["keywords"]) for q in qa])
+    base = (["I am not sure about that."] * 6, ["Please check the documentation."] * 4)
+    return items, qa, {"base": base, "tuned": tuned}
+
+
+def test_delta_ci_brackets_a_sure_gain_and_is_the_same_for_the_same_seed():
+    items, qa, answers = _ci_sets()
+    ci = evaluate.delta_ci(items, qa, answers, seed=7)
+    assert set(ci) == {"chrf", "rouge_l", "keyword_recall", "qa", "en", "ko"}
+    # every row gains the most a row can: recall and QA +1 on every resample, so the interval is the point
+    for node in (ci, ci["en"], ci["ko"]):
+        assert node["keyword_recall"] == node["qa"]["score"] == {"lo": 1.0, "hi": 1.0}
+        assert node["chrf"]["lo"] > 0 and node["rouge_l"]["lo"] > 0
+    assert evaluate.delta_ci(items, qa, answers, seed=7) == ci
+
+
+def test_delta_ci_of_a_mixed_result_holds_zero_and_the_point_delta():
+    items, qa, answers = _ci_sets()
+    tuned, qa_tuned = list(answers["tuned"][0]), list(answers["tuned"][1])
+    tuned[1], tuned[2], tuned[4], tuned[5] = answers["base"][0][:4]  # two rows right per language, the rest as base
+    qa_tuned[1] = qa_tuned[3] = "no idea"
+    answers["tuned"] = (tuned, qa_tuned)
+    ci = evaluate.delta_ci(items, qa, answers, seed=7)
+    point = metrics.mean_recall(tuned, [it["reference"] for it in items]) - 0.0  # the base names no term
+    assert ci["keyword_recall"]["lo"] <= point <= ci["keyword_recall"]["hi"]
+    assert ci["en"]["qa"]["score"]["lo"] == 0.0 and ci["en"]["qa"]["score"]["hi"] == 1.0  # 1 of 2 right: 0, 0.5 or 1
+    assert ci["ko"]["keyword_recall"]["lo"] == 0.0  # a resample of only the ko row it misses: no gain
 
 
 def test_perplexity_pass_equals_the_padded_full_logit_pass(tiny_model_dir):

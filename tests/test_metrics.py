@@ -34,6 +34,17 @@ def test_rouge_l_keeps_hangul():
     assert metrics.rouge_l([KO_REF, "x"], [KO_REF, "y"]) == pytest.approx(0.5)  # mean over rows
 
 
+def test_chrf_stats_of_any_rows_sum_to_those_rows_corpus_chrf():
+    # What delta_ci's bootstrap relies on: summed per-row counts re-score a resample (rows repeat) exactly.
+    hyps, refs = ["abd", KO_HYP, "use dvc push"], ["abc", KO_REF, "run dvc push to upload"]
+    stats = metrics.chrf_stats(hyps, refs)
+    assert stats.shape[0] == 3 and stats.dtype.kind == "i"
+    for rows in ([0], [1, 2], [0, 1, 2], [2, 2, 0]):
+        want = metrics.chrf([hyps[i] for i in rows], [refs[i] for i in rows])
+        assert metrics.chrf_from_stats(stats[rows].sum(0)) == pytest.approx(want, abs=1e-12)
+    assert metrics.rouge_l_scores([KO_HYP, "x"], [KO_REF, "y"]) == pytest.approx([0.75, 0.0])
+
+
 def test_key_terms_pick_commands_flags_products_identifiers():
     ref = (
         "Run `dvc exp run -S train.lr=3e-4`, then compare with --md in MLflow or vLLM. "
