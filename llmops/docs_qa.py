@@ -172,7 +172,7 @@ def _second_person(intent: str) -> str:
 
 
 def _ko_first_sentence(desc: str) -> str:
-    """A Korean answer states the fact's first sentence only: Korean costs ~2 tokens a syllable here, and a second
+    """A Korean answer states the fact's first sentence only: Korean costs ~3 tokens a syllable here, and a second
     phrasing of the question teaches more per token than a longer answer."""
     return re.split(r"(?<=[다요])\.\s", desc.strip(), maxsplit=1)[0].rstrip(".") + "."
 

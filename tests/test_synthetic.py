@@ -189,7 +189,7 @@ def test_curated_facts_are_asked_in_the_users_words_in_both_languages():
     assert len(intents) == len(set(intents))  # two phrasings never repeat one intent
     assert all("`dvc push`" in c.answer and PUSH_FACT["summary"] in c.answer for c in en)
     assert all("`dvc push` 명령을 " in c.answer and "원격 저장소로 업로드합니다." in c.answer
-               and "`-r 이름`" not in c.answer for c in ko)  # desc's first sentence only: ~2 tokens a syllable  # fmt: skip
+               and "`-r 이름`" not in c.answer for c in ko)  # desc's first sentence only: ~3 tokens a syllable  # fmt: skip
     # answers say the user's task back in the second person, in the same words as the question asked it
     said_back = [c for c in en if c.answer.startswith("To ")]
     assert all(c.answer.split(",")[0][3:].replace("your", "my") in c.question for c in said_back)
