@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(VLLM_FLAVOUR)
 PYTEST_ARGS ?=
 
-.PHONY: install pipeline test test-fast serve smoke doctor bench lint clean-venv
+.PHONY: install pipeline test test-fast serve smoke qa doctor bench lint clean-venv
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ serve: install
 # Check a live endpoint (VLLM_ENDPOINT or params serve.host:port): one chat reply, stop token, no template leak.
 smoke: install
 	$(BIN)/python -m serve smoke $(SMOKE_ARGS)
+
+# Ask the running endpoint the held-out QA set (paths.qa_set), 3 replies each with the server's own sampling defaults;
+# prints the keyword score overall and per language (flags: QA_ARGS="--samples 5 --out replies.jsonl").
+qa: install
+	$(BIN)/python -m serve qa $(QA_ARGS)
 
 # Every bench/bench_*.py in turn (speed figures for BENCHMARKS.md; results in bench/results/). Minutes each.
 bench: install

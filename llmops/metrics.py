@@ -23,7 +23,10 @@ import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import CHRF
 
+from llmops.stage import StageError
 from llmops.text import CODE
+
+LANGS = ("en", "ko")  # the languages every score is also reported for
 
 # Lower-case CLI/product names that carry a fact even without backticks or capitals.
 TOOLS = frozenset(
@@ -97,6 +100,20 @@ def term_recall(answer: str, reference: str) -> float | None:
         return None
     ans = normalize(answer)
     return sum(_mentions(ans, t) for t in terms) / len(terms)
+
+
+def qa_rows(rows: list[dict], path: str) -> list[dict]:
+    """Held-out QA rows {id, lang, question, keywords} (id defaults to qa-N); the first malformed row, or one with a
+    keyword its question already contains (echoing the question would score), fails naming the row and the fix."""
+    out = []
+    for n, r in enumerate(rows, 1):
+        kw = r.get("keywords")
+        if not isinstance(r.get("question"), str) or r.get("lang") not in LANGS or not kw or not isinstance(kw, list):
+            raise StageError(f"{path}: row {n} needs question, lang (en|ko) and a non-empty keywords list")
+        if echoed := [k for k in kw if normalize(k) in normalize(r["question"])]:
+            raise StageError(f"{path}: row {n}: keyword(s) {echoed} appear in the question; echoing it would score")
+        out.append({"id": r.get("id", f"qa-{n}"), "lang": r["lang"], "question": r["question"], "keywords": kw})
+    return out
 
 
 def keyword_score(answer: str, keywords: Sequence[str]) -> float:

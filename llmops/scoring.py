@@ -20,7 +20,7 @@ from tqdm import tqdm
 from llmops import chat, config, hardware, io, log, metrics, modeling
 from llmops.stage import StageError
 
-LANGS = ("en", "ko")
+LANGS = metrics.LANGS
 
 
 def test_items(rows: list[dict], n: int) -> list[dict]:
@@ -36,17 +36,9 @@ def test_items(rows: list[dict], n: int) -> list[dict]:
 
 
 def qa_items(rows: list[dict], path: str) -> list[dict]:
-    """The held-out QA set; a malformed row (or a keyword its question already contains) is named with the fix."""
-    items = []
-    for n, r in enumerate(rows, 1):
-        kw = r.get("keywords")
-        if not isinstance(r.get("question"), str) or r.get("lang") not in LANGS or not kw or not isinstance(kw, list):
-            raise StageError(f"{path}: row {n} needs question, lang (en|ko) and a non-empty keywords list")
-        if echoed := [k for k in kw if metrics.normalize(k) in metrics.normalize(r["question"])]:
-            raise StageError(f"{path}: row {n}: keyword(s) {echoed} appear in the question; echoing it would score")
-        items.append({"id": r.get("id", f"qa-{n}"), "lang": r["lang"], "prompt": [{"role": "user", "content":
-                      r["question"]}], "keywords": kw})  # fmt: skip
-    return items
+    """The held-out QA set as prompts (rows checked by metrics.qa_rows: a bad one is named with the fix)."""
+    return [{"id": r["id"], "lang": r["lang"], "prompt": [{"role": "user", "content": r["question"]}],
+             "keywords": r["keywords"]} for r in metrics.qa_rows(rows, path)]  # fmt: skip
 
 
 def eval_sets(paths: config.Paths, e: config.Evaluate) -> tuple[list[dict], list[dict]]:

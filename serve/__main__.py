@@ -5,6 +5,8 @@
                     [--adapter DIR] [--dry-run] [--params params.yaml] [-- EXTRA VLLM ARGS]
     python -m serve smoke [--endpoint URL] [--model NAME] [--max-tokens N] [--temperature T] [--allow-length]
                           [--wait S] [--package DIR] [--params params.yaml]
+    python -m serve qa [--qa FILE] [--samples N] [--out FILE] [--temperature T] [--max-tokens N] [--seed S]
+                       [--concurrency N] [--endpoint URL] [--model NAME] [--wait S] [--params params.yaml]
 
 Launch: verifies every file of the package (default `paths.package_dir`) against its manifest.json, and the
 manifest against the md5 dvc.lock (beside params.yaml) records for that folder, refusing to start on a missing,
@@ -18,6 +20,9 @@ GPU_MEMORY_UTILIZATION, VLLM_CPU_KVCACHE_SPACE, ENABLE_AUTH + the key in $API_KE
 Smoke: endpoint from --endpoint, else VLLM_ENDPOINT, else http://serve.host:serve.port; waits for /health up to
 serve.health_timeout_s (--wait), logging what it waits on; sends one chat request, exits 1 with a one-line reason
 on any failure.
+QA: asks the same endpoint every question of the held-out QA set (`paths.qa_set`) `--samples` times with the
+server's own sampling defaults, prints the keyword score overall and per language (JSON), `--out` keeps the replies
+(serve/qa.py).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import sys
 from pathlib import Path
 
 from llmops import config, hardware, log
-from serve import launcher, smoke
+from llmops.stage import StageError
+from serve import launcher, qa, smoke
 
 PARAMS = "params.yaml"
 
@@ -105,27 +111,22 @@ def launch_main(argv: list[str]) -> None:
     launcher.exec_vllm(cmd, env)
 
 
-def smoke_main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m serve smoke", description="Check a live endpoint with one chat request."
-    )
+def _endpoint_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--params", help=f"default: {PARAMS} if present, else built-in serve defaults")
     ap.add_argument("--endpoint", help="base URL (default: VLLM_ENDPOINT, else http://serve.host:serve.port)")
     ap.add_argument("--model", help="model name (default: the package's, else the first the endpoint serves)")
-    ap.add_argument(
-        "--package", type=Path, help="package whose template markers to look for (default: paths.package_dir)"
-    )
-    ap.add_argument("--prompt", help="default: serve.smoke_prompt")
-    ap.add_argument("--max-tokens", type=int, help="default: serve.smoke_max_tokens")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, reproducible (default)")
-    ap.add_argument("--allow-length", action="store_true", help="accept finish_reason 'length' (untuned/tiny models)")
+    ap.add_argument("--package", type=Path, help="the served package (default: paths.package_dir)")
     ap.add_argument("--wait", type=float, help="seconds to wait for /health first (default: serve.health_timeout_s)")
-    args = ap.parse_args(argv)
+
+
+def _connect(args: argparse.Namespace):
+    """params (or None), serve settings, endpoint, the local package (or None) and the model name it serves, after
+    waiting for /health (right after a deploy the server may still be loading)."""
     p = load_params(args.params)
     s = p.serve if p else launcher.DEFAULT_SERVE
     endpoint = args.endpoint or os.environ.get("VLLM_ENDPOINT") or f"http://{s.host}:{s.port}"
     wait = s.health_timeout_s if args.wait is None else args.wait
-    if wait > 0:  # right after a deploy the server may still be loading
+    if wait > 0:
         logger = log.get("serve")
 
         def report(url: str, reason: str, waited: float) -> None:
@@ -135,6 +136,20 @@ def smoke_main(argv: list[str]) -> None:
     package = args.package or (Path(p.paths.package_dir) if p else None)
     package = package if package and package.is_dir() else None
     prefer = p.package.served_model_name if p else read_manifest(package).get("serving", {}).get("served_model_name")
+    return p, s, endpoint, package, prefer
+
+
+def smoke_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m serve smoke", description="Check a live endpoint with one chat request."
+    )
+    _endpoint_args(ap)
+    ap.add_argument("--prompt", help="default: serve.smoke_prompt")
+    ap.add_argument("--max-tokens", type=int, help="default: serve.smoke_max_tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, reproducible (default)")
+    ap.add_argument("--allow-length", action="store_true", help="accept finish_reason 'length' (untuned/tiny models)")
+    args = ap.parse_args(argv)
+    p, s, endpoint, package, prefer = _connect(args)
     result = smoke.run(
         endpoint,
         api_key=launcher.api_key(s, os.environ),  # only when auth is on: then a wrong key must get 401
@@ -149,15 +164,47 @@ def smoke_main(argv: list[str]) -> None:
     print(json.dumps({"ok": True, **result}, ensure_ascii=False))
 
 
+def qa_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m serve qa", description="Ask a live endpoint the held-out QA set and score its replies."
+    )
+    _endpoint_args(ap)
+    ap.add_argument("--qa", type=Path, help="QA file (JSONL: id, lang, question, keywords; default: paths.qa_set)")
+    ap.add_argument("--samples", type=int, default=3, help="replies per question (default 3)")
+    ap.add_argument("--max-tokens", type=int, help="default: the server's (generation_config max_new_tokens)")
+    ap.add_argument("--temperature", type=float, help="default: the server's (merge.generation); 0 = greedy")
+    ap.add_argument("--seed", type=int, help="question i is sent with seed + i (default: params seed, else 0)")
+    ap.add_argument("--concurrency", type=int, default=8, help="requests in flight (vLLM batches them)")
+    ap.add_argument("--out", type=Path, help="write every question's replies and scores here (JSONL)")
+    args = ap.parse_args(argv)
+    if args.samples < 1 or args.concurrency < 1:
+        raise smoke.SmokeError("--samples and --concurrency must be at least 1")
+    from llmops import io, metrics  # the QA file's checks; ~2 s, so not for `serve` or `serve smoke`
+
+    p = load_params(args.params)
+    qa_file = args.qa or (Path(p.paths.qa_set) if p else None)
+    if qa_file is None:
+        raise smoke.SmokeError("no QA file: pass --qa FILE (no params.yaml here names paths.qa_set)")
+    rows = metrics.qa_rows(io.read_jsonl(qa_file), str(qa_file))  # a bad file fails before any request
+    p, s, endpoint, _, prefer = _connect(args)
+    seed = args.seed if args.seed is not None else (p.seed if p else 0)
+    summary, records = qa.run(endpoint, rows, api_key=launcher.api_key(s, os.environ), model=args.model,
+                              prefer=prefer, samples=args.samples, max_tokens=args.max_tokens,
+                              temperature=args.temperature, seed=seed, concurrency=args.concurrency)  # fmt: skip
+    if args.out:
+        io.write_jsonl(args.out, records)
+    print(json.dumps({"qa": str(qa_file), **summary}, ensure_ascii=False))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    is_smoke = bool(argv) and argv[0] == "smoke"
+    command = argv[0] if argv and argv[0] in ("smoke", "qa") else None
     try:
-        smoke_main(argv[1:]) if is_smoke else launch_main(argv)
+        {"smoke": smoke_main, "qa": qa_main}[command](argv[1:]) if command else launch_main(argv)
     except (config.ParamsError, launcher.LaunchError, hardware.OverrideError) as e:
         sys.exit(f"serve: error: {e}")
-    except smoke.SmokeError as e:
-        sys.exit(f"serve smoke: error: {e}")
+    except (smoke.SmokeError, StageError) as e:  # StageError: a bad QA file (llmops.io / metrics.qa_rows)
+        sys.exit(f"serve {command}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import openai
 import pytest
 import yaml
 
-from llmops import chat, config, hardware, modeling
+from llmops import chat, config, hardware, io, modeling
 from serve import launcher, smoke
 from tests.conftest import ROOT, free_port, set_dotted, write_params
 from tests.test_package import build_package
@@ -495,6 +495,88 @@ def test_wait_healthy_reports_why_it_is_still_waiting():
     assert reports == [("no answer within 0.5 s", 0)]
 
 
+class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint with canned replies: English questions about uploading get `dvc push` on
+    every other sample; everything else gets a non-answer. Keeps each request body for the test."""
+
+    bodies: list[dict] = []
+
+    def _json(self, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self._json({})
+        self._json({"object": "list", "data": [{"id": "smollm2-mlops", "object": "model", "created": 0,
+                                                "owned_by": "test"}]})  # fmt: skip
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        q = body["messages"][-1]["content"]
+        texts = [("Run `dvc push`." if "upload" in q and i % 2 == 0 else "I am not sure.") for i in range(body["n"])]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                   for i, t in enumerate(texts)]  # fmt: skip
+        self._json({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 4 * len(texts), "total_tokens": 25}})  # fmt: skip
+
+    def log_message(self, *args):
+        pass
+
+
+def test_qa_scores_a_live_endpoint_s_replies_per_language_with_its_own_sampling(tmp_path):
+    qa_file = tmp_path / "qa.jsonl"
+    rows = [{"id": "en-1", "lang": "en", "question": "How do I upload tracked data?", "keywords": ["dvc push"]},
+            {"id": "en-2", "lang": "en", "question": "Which flag caps the context?", "keywords": ["--max-model-len"]},
+            {"id": "ko-1", "lang": "ko", "question": "데이터를 올리려면?", "keywords": ["dvc push", "-r"]}]  # fmt: skip
+    qa_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _FakeOpenAI.bodies = []
+    try:
+        url, out = f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "replies.jsonl"
+        proc = serve_cli("qa", "--qa", str(qa_file), "--samples", "4", "--out", str(out), "--endpoint", url)
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        # en-1: 2 of 4 replies name its keyword -> 0.5; en-2 and ko-1: 0 -> en 0.25, ko 0, all 1/6
+        assert (summary["score"], summary["en"], summary["ko"]) == (
+            pytest.approx(1 / 6),
+            {"score": 0.25, "questions": 2},
+            {"score": 0.0, "questions": 1},
+        )
+        assert summary["model"] == "smollm2-mlops" and summary["samples"] == 4 and summary["replies_stopped"] == 1.0
+        assert summary["sampling"] == {"temperature": "served default", "max_tokens": "served default", "seed": 1234}
+        # the server's sampling defaults: nothing but n and a per-question seed (params seed + i) is sent
+        assert sorted((b["seed"], b["n"]) for b in _FakeOpenAI.bodies) == [(1234, 4), (1235, 4), (1236, 4)]
+        assert not any({"temperature", "max_tokens", "top_p"} & set(b) for b in _FakeOpenAI.bodies)
+        records = io.read_jsonl(out)
+        assert [r["id"] for r in records] == ["en-1", "en-2", "ko-1"]
+        assert records[0]["scores"] == [1.0, 0.0, 1.0, 0.0] and records[0]["replies"][0] == "Run `dvc push`."
+
+        _FakeOpenAI.bodies = []
+        proc = serve_cli("qa", "--qa", str(qa_file), "--samples", "1", "--temperature", "0", "--max-tokens", "64",
+                         "--seed", "7", "--endpoint", url)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert all((b["temperature"], b["max_tokens"]) == (0, 64) for b in _FakeOpenAI.bodies)
+        assert json.loads(proc.stdout)["en"]["score"] == 0.5  # sample 0 of en-1 names `dvc push`
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    bad = tmp_path / "bad.jsonl"  # a keyword the question already says would score by echoing: refused first
+    bad.write_text(json.dumps({"lang": "en", "question": "What does dvc push do?", "keywords": ["dvc push"]}) + "\n")
+    proc = serve_cli("qa", "--qa", str(bad), "--endpoint", url, "--wait", "0")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"serve qa: error: {bad}: row 1: keyword(s) ['dvc push'] appear in the question; echoing it would score"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: package → dvc push → git clone + dvc pull package → vLLM (CPU) → openai client
 # ---------------------------------------------------------------------------------------------
@@ -645,6 +727,20 @@ def test_publish_pull_and_serve_end_to_end(repo_copy, tiny_model_dir, tmp_path):
         assert result["ok"] and result["auth_checked"] and result["model"] == "smollm2-mlops"
         assert result["reply"].strip() and result["finish_reason"] in ("stop", "length")
         assert (result["finish_reason"] == "length") == (result["completion_tokens"] == 8)
+
+        # The held-out QA check against real vLLM: n replies per question in one request, the key from the env.
+        qa_file, replies = tmp_path / "qa.jsonl", tmp_path / "replies.jsonl"
+        qa_file.write_text(json.dumps({"id": "q1", "lang": "en", "question": "Upload?", "keywords": ["dvc push"]})
+                           + "\n" + json.dumps({"id": "q2", "lang": "ko", "question": "올리려면?", "keywords": ["dvc"]})
+                           + "\n", encoding="utf-8")  # fmt: skip
+        proc = serve_cli("qa", "--qa", str(qa_file), "--samples", "2", "--max-tokens", "6", "--out", str(replies),
+                         cwd=clone, VLLM_ENDPOINT=endpoint, ENABLE_AUTH="1", API_KEY=SECRET)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert summary["model"] == "smollm2-mlops" and summary["en"]["questions"] == summary["ko"]["questions"] == 1
+        records = io.read_jsonl(replies)
+        assert [len(r["replies"]) for r in records] == [2, 2] and all(0 < r["completion_tokens"] <= 12 for r in records)
+        assert all(f in ("stop", "length") for r in records for f in r["finish_reasons"])
     except BaseException:
         log.flush()
         print((tmp_path / "vllm.log").read_text()[-6000:])
