@@ -50,7 +50,10 @@ class DataFileError(StageError):
     """A data file that cannot be read; the message names the file, the line and the fix."""
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(
+    path: str | Path, fix: str = "the file is truncated or corrupt; rerun the stage that writes it (dvc repro)"
+) -> list[dict]:
+    """One dict per non-blank line; a line that is not a JSON object raises DataFileError naming it and `fix`."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -59,14 +62,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataFileError(
-                    f"{path}: line {n} is not valid JSON ({e.msg}): the file is truncated or corrupt; "
-                    "rerun the stage that writes it (dvc repro)"
-                ) from None
+                raise DataFileError(f"{path}: line {n} is not valid JSON ({e.msg}); {fix}") from None
             if not isinstance(row, dict):
-                raise DataFileError(
-                    f"{path}: line {n} is not a JSON object; rerun the stage that writes it (dvc repro)"
-                )
+                raise DataFileError(f"{path}: line {n} is not a JSON object; {fix}")
             rows.append(row)
     return rows
 

@@ -103,16 +103,28 @@ def term_recall(answer: str, reference: str) -> float | None:
 
 
 def qa_rows(rows: list[dict], path: str) -> list[dict]:
-    """Held-out QA rows {id, lang, question, keywords} (id defaults to qa-N); the first malformed row, or one with a
-    keyword its question already contains (echoing the question would score), fails naming the row and the fix."""
-    out = []
+    """Held-out QA rows {id, lang, question, keywords} (id defaults to qa-N). The first bad row fails naming what is
+    wrong with it: a missing/empty field, a language other than en/ko, a duplicate id, or a keyword its question
+    already contains (echoing the question would score)."""
+    if not rows:
+        raise StageError(f"{path} has no questions: one JSON object a line, {{id, lang, question, keywords}}")
+    out, seen = [], set()
     for n, r in enumerate(rows, 1):
-        kw = r.get("keywords")
-        if not isinstance(r.get("question"), str) or r.get("lang") not in LANGS or not kw or not isinstance(kw, list):
-            raise StageError(f"{path}: row {n} needs question, lang (en|ko) and a non-empty keywords list")
-        if echoed := [k for k in kw if normalize(k) in normalize(r["question"])]:
+        kw, q = r.get("keywords"), r.get("question")
+        problems = [
+            *(["question must be a non-empty string"] if not isinstance(q, str) or not q.strip() else []),
+            *([f"lang must be en or ko, not {r.get('lang')!r}"] if r.get("lang") not in LANGS else []),
+            *(["keywords must be a non-empty list of non-empty strings"]
+              if not isinstance(kw, list) or not kw or not all(isinstance(k, str) and k.strip() for k in kw) else []),
+        ]  # fmt: skip
+        if problems:
+            raise StageError(f"{path}: row {n}: {'; '.join(problems)}")
+        if echoed := [k for k in kw if normalize(k) in normalize(q)]:
             raise StageError(f"{path}: row {n}: keyword(s) {echoed} appear in the question; echoing it would score")
-        out.append({"id": r.get("id", f"qa-{n}"), "lang": r["lang"], "question": r["question"], "keywords": kw})
+        if (rid := r.get("id", f"qa-{n}")) in seen:
+            raise StageError(f"{path}: row {n}: id {rid!r} is used by an earlier row; ids must be unique")
+        seen.add(rid)
+        out.append({"id": rid, "lang": r["lang"], "question": q, "keywords": kw})
     return out
 
 

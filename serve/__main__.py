@@ -166,34 +166,63 @@ def smoke_main(argv: list[str]) -> None:
 
 def qa_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m serve qa", description="Ask a live endpoint the held-out QA set and score its replies."
+        prog="python -m serve qa",
+        description="Ask a live endpoint every question of the held-out QA set and score the replies: the share of "
+        "each question's keywords a reply names, overall and per language.",
+        epilog="Prints one JSON summary on stdout; exits 1 with a one-line reason on a bad QA file, flag or endpoint.",
     )
     _endpoint_args(ap)
-    ap.add_argument("--qa", type=Path, help="QA file (JSONL: id, lang, question, keywords; default: paths.qa_set)")
-    ap.add_argument("--samples", type=int, default=3, help="replies per question (default 3)")
-    ap.add_argument("--max-tokens", type=int, help="default: the server's (generation_config max_new_tokens)")
-    ap.add_argument("--temperature", type=float, help="default: the server's (merge.generation); 0 = greedy")
-    ap.add_argument("--seed", type=int, help="question i is sent with seed + i (default: params seed, else 0)")
-    ap.add_argument("--concurrency", type=int, default=8, help="requests in flight (vLLM batches them)")
-    ap.add_argument("--out", type=Path, help="write every question's replies and scores here (JSONL)")
+    ap.add_argument("--qa", type=Path, metavar="FILE",
+                    help="JSONL, one {id, lang: en|ko, question, keywords: [...]} a line (default: paths.qa_set)")  # fmt: skip
+    ap.add_argument("--samples", type=int, default=3, metavar="N", help="replies per question (default 3)")
+    ap.add_argument("--max-tokens", type=int, metavar="N", help="default: the server's (merge.generation)")
+    ap.add_argument(
+        "--temperature", type=float, metavar="T", help="default: the server's (merge.generation); 0 = greedy"
+    )
+    ap.add_argument(
+        "--seed", type=int, metavar="S", help="question i is sent with S + i (default: params seed, else 0)"
+    )
+    ap.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight (default 8)")
+    ap.add_argument("--out", type=Path, metavar="FILE", help="also write each question's replies and scores (JSONL)")
     args = ap.parse_args(argv)
-    if args.samples < 1 or args.concurrency < 1:
-        raise smoke.SmokeError("--samples and --concurrency must be at least 1")
+    for flag, value, least in (("--samples", args.samples, 1), ("--concurrency", args.concurrency, 1),
+                               ("--max-tokens", args.max_tokens, 1), ("--temperature", args.temperature, 0),
+                               ("--wait", args.wait, 0)):  # fmt: skip
+        if value is not None and value < least:
+            raise smoke.SmokeError(f"{flag} must be at least {least}, not {value}")
     from llmops import io, metrics  # the QA file's checks; ~2 s, so not for `serve` or `serve smoke`
 
     p = load_params(args.params)
     qa_file = args.qa or (Path(p.paths.qa_set) if p else None)
-    if qa_file is None:
-        raise smoke.SmokeError("no QA file: pass --qa FILE (no params.yaml here names paths.qa_set)")
-    rows = metrics.qa_rows(io.read_jsonl(qa_file), str(qa_file))  # a bad file fails before any request
+    if qa_file is None or not qa_file.is_file():
+        raise smoke.SmokeError(f"no QA file {'at ' + str(qa_file) if qa_file else 'named'}: pass --qa FILE (JSONL)")
+    try:
+        fix = "fix that line (one {id, lang, question, keywords} object a line)"
+        rows = metrics.qa_rows(io.read_jsonl(qa_file, fix), str(qa_file))  # a bad file fails before any request
+    except UnicodeDecodeError:
+        raise smoke.SmokeError(f"{qa_file} is not UTF-8 text: save it as UTF-8 JSONL") from None
+    if args.out and (args.out.is_dir() or not _writable(args.out.parent)):
+        raise smoke.SmokeError(f"--out {args.out}: not a file path this user can write; pick another")
     p, s, endpoint, _, prefer = _connect(args)
     seed = args.seed if args.seed is not None else (p.seed if p else 0)
     summary, records = qa.run(endpoint, rows, api_key=launcher.api_key(s, os.environ), model=args.model,
                               prefer=prefer, samples=args.samples, max_tokens=args.max_tokens,
                               temperature=args.temperature, seed=seed, concurrency=args.concurrency)  # fmt: skip
+    print(json.dumps({"qa": str(qa_file), **summary}, ensure_ascii=False), flush=True)  # before --out: never lost
     if args.out:
-        io.write_jsonl(args.out, records)
-    print(json.dumps({"qa": str(qa_file), **summary}, ensure_ascii=False))
+        try:
+            io.write_jsonl(args.out, records)
+        except OSError as e:
+            raise smoke.SmokeError(f"--out {args.out}: {e.strerror or e}; the summary above is complete") from None
+
+
+def _writable(folder: Path) -> bool:
+    """The folder exists or can be made, and this user may create files in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return folder.is_dir() and os.access(folder, os.W_OK)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,10 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0] if argv and argv[0] in ("smoke", "qa") else None
     try:
         {"smoke": smoke_main, "qa": qa_main}[command](argv[1:]) if command else launch_main(argv)
-    except (config.ParamsError, launcher.LaunchError, hardware.OverrideError) as e:
-        sys.exit(f"serve: error: {e}")
-    except (smoke.SmokeError, StageError) as e:  # StageError: a bad QA file (llmops.io / metrics.qa_rows)
-        sys.exit(f"serve {command}: error: {e}")
+    except (config.ParamsError, launcher.LaunchError, hardware.OverrideError, smoke.SmokeError, StageError) as e:
+        sys.exit(f"serve{' ' + command if command else ''}: error: {e}")  # StageError: a bad QA file (metrics.qa_rows)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,20 @@
 
 evaluate answers greedily through vLLM's offline engine, cut at `evaluate.max_new_tokens`; this asks what a user of
 the running server gets: its sampling defaults (the package's generation_config.json, i.e. params `merge.generation`;
-the request leaves temperature and max_tokens out unless told), `samples` replies per question (one request with
-`n` and a seed: reruns draw alike, though the server's batching may move a token). A reply scores the share of the question's
-keywords it names (llmops.metrics.keyword_score); a question scores the mean over its replies; the set and each
-language the mean over questions. Through the `openai` client, imported inside the functions (see smoke.py).
+the request leaves temperature and max_tokens out unless told), `samples` replies per question (one request with `n`
+and a seed: reruns draw alike, though the server's batching may move a token). A reply scores the share of the
+question's keywords it names (llmops.metrics.keyword_score); a question scores the mean over its replies; the set and
+each language the mean over questions. Through the `openai` client, imported inside the functions (see smoke.py).
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from serve.smoke import SmokeError, api_base
+
+NOT_OPENAI = (AttributeError, KeyError, TypeError, ValueError)  # what parsing a reply that is no chat completion raises
 
 
 def _ask(client, model: str, row: dict, samples: int, max_tokens: int | None, temperature: float | None, seed: int):
@@ -20,6 +23,10 @@ def _ask(client, model: str, row: dict, samples: int, max_tokens: int | None, te
     r = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": row["question"]}], n=samples, seed=seed, **extra
     )
+    if len(r.choices) != samples:
+        raise SmokeError(
+            f"{str(client.base_url).rstrip('/')}: question {row['id']}: {len(r.choices)} replies for n={samples}"
+        )
     return [(c.message.content or "", c.finish_reason) for c in sorted(r.choices, key=lambda c: c.index)], (
         r.usage.completion_tokens if r.usage else None
     )
@@ -42,27 +49,33 @@ def run(
     """Ask every QA row (llmops.metrics.qa_rows) `samples` times; return the summary and one record per question
     (replies, finish reasons, scores). Question i is sent with seed `seed + i`."""
     import openai
+    from tqdm import tqdm
 
     from llmops import metrics  # ~2 s (rouge_score → nltk): only the qa command pays it
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per request
     base = api_base(endpoint)
-    client = openai.OpenAI(base_url=base, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=2)
+    client = openai.OpenAI(base_url=base, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=1)
     try:
         served = [m.id for m in client.models.list().data]
+        if not served:
+            raise SmokeError(f"{base}: the endpoint serves no model")
         if model is None:  # with an adapter the base is listed first: prefer the package's own name
             model = prefer if prefer in served else served[0]
         elif model not in served:
             raise SmokeError(f"{base}: model {model!r} is not served (served: {served})")
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            answers = list(
-                pool.map(
-                    lambda i: _ask(client, model, rows[i], samples, max_tokens, temperature, seed + i), range(len(rows))
-                )
-            )
+        with ThreadPoolExecutor(concurrency) as pool:
+            jobs = pool.map(lambda i: _ask(client, model, rows[i], samples, max_tokens, temperature, seed + i),
+                            range(len(rows)))  # fmt: skip
+            answers = list(tqdm(jobs, total=len(rows), desc=f"qa {model}", unit="question", disable=None))
     except openai.AuthenticationError:
         raise SmokeError(f"{base}: 401 with the configured key (check API_KEY)") from None
+    except openai.APIConnectionError as e:
+        raise SmokeError(f"{base}: {e} (is the server up? `make serve`, or pass --endpoint)") from None
     except openai.APIError as e:
         raise SmokeError(f"{base}: {type(e).__name__}: {e}") from None
+    except NOT_OPENAI as e:
+        raise SmokeError(f"{base}: the reply is not an OpenAI chat completion ({type(e).__name__}: {e})") from None
     records = []
     for row, (replies, tokens) in zip(rows, answers, strict=True):
         scores = [metrics.keyword_score(text, row["keywords"]) for text, _ in replies]
@@ -87,6 +100,6 @@ def run(
         **mean_score(records),
         **{lang: mean_score(recs) for lang in metrics.LANGS if (recs := [r for r in records if r["lang"] == lang])},
         "replies_stopped": sum(f == "stop" for f in replies) / len(replies),
-        "completion_tokens_per_reply": sum(tokens) / (len(rows) * samples) if tokens else None,
+        "completion_tokens_per_reply": sum(tokens) / (len(tokens) * samples) if tokens else None,
     }
     return summary, records

@@ -500,6 +500,7 @@ class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
     every other sample; everything else gets a non-answer. Keeps each request body for the test."""
 
     bodies: list[dict] = []
+    mode = "ok"  # ok | short (one reply fewer than n) | html (not JSON at all)
 
     def _json(self, obj: dict) -> None:
         data = json.dumps(obj).encode()
@@ -518,8 +519,14 @@ class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).bodies.append(body)
+        if self.mode == "html":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            return self.wfile.write(b"<html>proxy login</html>")
         q = body["messages"][-1]["content"]
-        texts = [("Run `dvc push`." if "upload" in q and i % 2 == 0 else "I am not sure.") for i in range(body["n"])]
+        n = body["n"] - (self.mode == "short")
+        texts = [("Run `dvc push`." if "upload" in q and i % 2 == 0 else "I am not sure.") for i in range(n)]
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
                    for i, t in enumerate(texts)]  # fmt: skip
         self._json({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
@@ -575,6 +582,56 @@ def test_qa_scores_a_live_endpoint_s_replies_per_language_with_its_own_sampling(
     assert proc.stderr.strip().splitlines()[-1] == (
         f"serve qa: error: {bad}: row 1: keyword(s) ['dvc push'] appear in the question; echoing it would score"
     )
+
+
+@pytest.mark.parametrize(
+    "qa_text, args, error",
+    [
+        (None, [], "no QA file at {missing}: pass --qa FILE (JSONL)"),
+        ("", [], "{qa} has no questions: one JSON object a line, {{id, lang, question, keywords}}"),
+        ('{"lang": "en", "question": "Q?",\n', [], "{qa}: line 1 is not valid JSON (Expecting property name enclosed in "
+         "double quotes); fix that line (one {{id, lang, question, keywords}} object a line)"),
+        ('{"lang": "fr", "question": " ", "keywords": [1]}\n', [], "{qa}: row 1: question must be a non-empty string; "
+         "lang must be en or ko, not 'fr'; keywords must be a non-empty list of non-empty strings"),
+        ('{"id": "a", "lang": "en", "question": "Q?", "keywords": ["x"]}\n' * 2, [],
+         "{qa}: row 2: id 'a' is used by an earlier row; ids must be unique"),
+        ('{"lang": "en", "question": "Q?", "keywords": ["x"]}\n', ["--samples", "0"], "--samples must be at least 1, not 0"),
+        ('{"lang": "en", "question": "Q?", "keywords": ["x"]}\n', ["--out", "{tmp}"],
+         "--out {tmp}: not a file path this user can write; pick another"),
+    ],
+)  # fmt: skip
+def test_qa_refuses_bad_input_in_one_line_before_any_request(tmp_path, qa_text, args, error):
+    qa_file, missing = tmp_path / "qa.jsonl", tmp_path / "missing.jsonl"
+    if qa_text is not None:
+        qa_file.write_text(qa_text, encoding="utf-8")
+    fill = {"qa": qa_file, "missing": missing, "tmp": tmp_path}
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: any request would fail differently
+    proc = serve_cli("qa", "--qa", str(qa_file if qa_text is not None else missing),
+                     *[a.format(**fill) for a in args], "--endpoint", url, "--wait", "0")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "serve qa: error: " + error.format(**fill)
+
+
+@pytest.mark.parametrize(
+    "mode, error",
+    [("short", "question q1: 1 replies for n=2"), ("html", "the reply is not an OpenAI chat completion")],
+)
+def test_qa_names_an_endpoint_that_does_not_answer_like_openai(tmp_path, mode, error):
+    qa_file = tmp_path / "qa.jsonl"
+    qa_file.write_text(json.dumps({"id": "q1", "lang": "en", "question": "Q?", "keywords": ["x"]}) + "\n")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _FakeOpenAI.mode = mode
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = serve_cli("qa", "--qa", str(qa_file), "--samples", "2", "--endpoint", url, "--wait", "0")
+    finally:
+        _FakeOpenAI.mode = "ok"
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"serve qa: error: {url}/v1: ") and error in last
 
 
 # ---------------------------------------------------------------------------------------------
