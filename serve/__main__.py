@@ -119,10 +119,9 @@ def _endpoint_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--wait", type=float, help="seconds to wait for /health first (default: serve.health_timeout_s)")
 
 
-def _connect(args: argparse.Namespace):
-    """params (or None), serve settings, endpoint, the local package (or None) and the model name it serves, after
-    waiting for /health (right after a deploy the server may still be loading)."""
-    p = load_params(args.params)
+def _connect(args: argparse.Namespace, p: config.Params | None):
+    """Serve settings, endpoint, the local package (or None) and the model name it serves, after waiting for /health
+    (right after a deploy the server may still be loading). `p`: load_params(args.params)."""
     s = p.serve if p else launcher.DEFAULT_SERVE
     endpoint = args.endpoint or os.environ.get("VLLM_ENDPOINT") or f"http://{s.host}:{s.port}"
     wait = s.health_timeout_s if args.wait is None else args.wait
@@ -136,7 +135,7 @@ def _connect(args: argparse.Namespace):
     package = args.package or (Path(p.paths.package_dir) if p else None)
     package = package if package and package.is_dir() else None
     prefer = p.package.served_model_name if p else read_manifest(package).get("serving", {}).get("served_model_name")
-    return p, s, endpoint, package, prefer
+    return s, endpoint, package, prefer
 
 
 def smoke_main(argv: list[str]) -> None:
@@ -149,7 +148,7 @@ def smoke_main(argv: list[str]) -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, reproducible (default)")
     ap.add_argument("--allow-length", action="store_true", help="accept finish_reason 'length' (untuned/tiny models)")
     args = ap.parse_args(argv)
-    p, s, endpoint, package, prefer = _connect(args)
+    s, endpoint, package, prefer = _connect(args, load_params(args.params))
     result = smoke.run(
         endpoint,
         api_key=launcher.api_key(s, os.environ),  # only when auth is on: then a wrong key must get 401
@@ -203,7 +202,7 @@ def qa_main(argv: list[str]) -> None:
         raise smoke.SmokeError(f"{qa_file} is not UTF-8 text: save it as UTF-8 JSONL") from None
     if args.out and (args.out.is_dir() or not _writable(args.out.parent)):
         raise smoke.SmokeError(f"--out {args.out}: not a file path this user can write; pick another")
-    p, s, endpoint, _, prefer = _connect(args)
+    s, endpoint, _, prefer = _connect(args, p)
     seed = args.seed if args.seed is not None else (p.seed if p else 0)
     summary, records = qa.run(endpoint, rows, api_key=launcher.api_key(s, os.environ), model=args.model,
                               prefer=prefer, samples=args.samples, max_tokens=args.max_tokens,
