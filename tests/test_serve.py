@@ -589,8 +589,8 @@ def test_qa_scores_a_live_endpoint_s_replies_per_language_with_its_own_sampling(
     [
         (None, [], "no QA file at {missing}: pass --qa FILE (JSONL)"),
         ("", [], "{qa} has no questions: one JSON object a line, {{id, lang, question, keywords}}"),
-        ('{"lang": "en", "question": "Q?",\n', [], "{qa}: line 1 is not valid JSON (Expecting property name enclosed in "
-         "double quotes); fix that line (one {{id, lang, question, keywords}} object a line)"),
+        ('{"lang": "en", "question": "Q?", "keywords": ["x"]}\nlang: en\n', [], "{qa}: line 2 is not valid JSON "
+         "(Expecting value); fix that line (one {{id, lang, question, keywords}} object a line)"),
         ('{"lang": "fr", "question": " ", "keywords": [1]}\n', [], "{qa}: row 1: question must be a non-empty string; "
          "lang must be en or ko, not 'fr'; keywords must be a non-empty list of non-empty strings"),
         ('{"id": "a", "lang": "en", "question": "Q?", "keywords": ["x"]}\n' * 2, [],
