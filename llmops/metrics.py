@@ -111,12 +111,13 @@ def qa_rows(rows: list[dict], path: str) -> list[dict]:
     out, seen = [], set()
     for n, r in enumerate(rows, 1):
         kw, q = r.get("keywords"), r.get("question")
-        problems = [
-            *(["question must be a non-empty string"] if not isinstance(q, str) or not q.strip() else []),
-            *([f"lang must be en or ko, not {r.get('lang')!r}"] if r.get("lang") not in LANGS else []),
-            *(["keywords must be a non-empty list of non-empty strings"]
-              if not isinstance(kw, list) or not kw or not all(isinstance(k, str) and k.strip() for k in kw) else []),
-        ]  # fmt: skip
+        problems = []
+        if not isinstance(q, str) or not q.strip():
+            problems.append("question must be a non-empty string")
+        if r.get("lang") not in LANGS:
+            problems.append(f"lang must be en or ko, not {r.get('lang')!r}")
+        if not isinstance(kw, list) or not kw or not all(isinstance(k, str) and k.strip() for k in kw):
+            problems.append("keywords must be a non-empty list of non-empty strings")
         if problems:
             raise StageError(f"{path}: row {n}: {'; '.join(problems)}")
         if echoed := [k for k in kw if normalize(k) in normalize(q)]:

@@ -216,11 +216,11 @@ def qa_main(argv: list[str]) -> None:
 
 
 def _writable(folder: Path) -> bool:
-    """The folder exists or can be made, and this user may create files in it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
+    """This user may create files in `folder`, or in its nearest existing ancestor (io.write_jsonl makes the rest);
+    checked without creating anything: a run refused later leaves no empty folders behind."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     return folder.is_dir() and os.access(folder, os.W_OK)
 
 

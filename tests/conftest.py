@@ -3,11 +3,14 @@ params files pointed at temp folders, and throwaway git+DVC copies of the reposi
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,6 +132,36 @@ def tiny_model_dir(base_model_dir, tmp_path_factory) -> Path:
     tok.save_pretrained(out)
     shutil.copy(base_model_dir / "provenance.json", out / "provenance.json")
     return out
+
+
+class JSONHandler(http.server.BaseHTTPRequestHandler):
+    """Base of the tests' fake HTTP endpoints (OpenAI-compatible teachers and servers): JSON replies, no access log."""
+
+    def send_json(self, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def read_json(self) -> dict:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def local_server(handler: type[http.server.BaseHTTPRequestHandler]):
+    """`handler` served on a free loopback port in a thread; yields its base URL; always shut down."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ import yaml
 
 from llmops import chat, config, hardware, io, modeling
 from serve import launcher, smoke
-from tests.conftest import ROOT, free_port, set_dotted, write_params
+from tests.conftest import ROOT, JSONHandler, free_port, local_server, set_dotted, write_params
 from tests.test_package import build_package
 
 SECRET = "s3cr3t-key-value-never-shown"
@@ -495,29 +495,21 @@ def test_wait_healthy_reports_why_it_is_still_waiting():
     assert reports == [("no answer within 0.5 s", 0)]
 
 
-class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
+class _FakeOpenAI(JSONHandler):
     """An OpenAI-compatible chat endpoint with canned replies: English questions about uploading get `dvc push` on
     every other sample; everything else gets a non-answer. Keeps each request body for the test."""
 
     bodies: list[dict] = []
     mode = "ok"  # ok | short (one reply fewer than n) | html (not JSON at all)
 
-    def _json(self, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self):
         if self.path == "/health":
-            return self._json({})
-        self._json({"object": "list", "data": [{"id": "smollm2-mlops", "object": "model", "created": 0,
+            return self.send_json({})
+        self.send_json({"object": "list", "data": [{"id": "smollm2-mlops", "object": "model", "created": 0,
                                                 "owned_by": "test"}]})  # fmt: skip
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         type(self).bodies.append(body)
         if self.mode == "html":
             self.send_response(200)
@@ -529,11 +521,8 @@ class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
         texts = [("Run `dvc push`." if "upload" in q and i % 2 == 0 else "I am not sure.") for i in range(n)]
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
                    for i, t in enumerate(texts)]  # fmt: skip
-        self._json({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
+        self.send_json({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices,
                     "usage": {"prompt_tokens": 5, "completion_tokens": 4 * len(texts), "total_tokens": 25}})  # fmt: skip
-
-    def log_message(self, *args):
-        pass
 
 
 def test_qa_scores_a_live_endpoint_s_replies_per_language_with_its_own_sampling(tmp_path):
@@ -542,11 +531,9 @@ def test_qa_scores_a_live_endpoint_s_replies_per_language_with_its_own_sampling(
             {"id": "en-2", "lang": "en", "question": "Which flag caps the context?", "keywords": ["--max-model-len"]},
             {"id": "ko-1", "lang": "ko", "question": "데이터를 올리려면?", "keywords": ["dvc push", "-r"]}]  # fmt: skip
     qa_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     _FakeOpenAI.bodies = []
-    try:
-        url, out = f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "replies.jsonl"
+    with local_server(_FakeOpenAI) as url:
+        out = tmp_path / "replies.jsonl"
         proc = serve_cli("qa", "--qa", str(qa_file), "--samples", "4", "--out", str(out), "--endpoint", url)
         assert proc.returncode == 0, proc.stderr
         summary = json.loads(proc.stdout)
@@ -571,9 +558,6 @@ def test_qa_scores_a_live_endpoint_s_replies_per_language_with_its_own_sampling(
         assert proc.returncode == 0, proc.stderr
         assert all((b["temperature"], b["max_tokens"]) == (0, 64) for b in _FakeOpenAI.bodies)
         assert json.loads(proc.stdout)["en"]["score"] == 0.5  # sample 0 of en-1 names `dvc push`
-    finally:
-        server.shutdown()
-        server.server_close()
 
     bad = tmp_path / "bad.jsonl"  # a keyword the question already says would score by echoing: refused first
     bad.write_text(json.dumps({"lang": "en", "question": "What does dvc push do?", "keywords": ["dvc push"]}) + "\n")
@@ -619,16 +603,12 @@ def test_qa_refuses_bad_input_in_one_line_before_any_request(tmp_path, qa_text, 
 def test_qa_names_an_endpoint_that_does_not_answer_like_openai(tmp_path, mode, error):
     qa_file = tmp_path / "qa.jsonl"
     qa_file.write_text(json.dumps({"id": "q1", "lang": "en", "question": "Q?", "keywords": ["x"]}) + "\n")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     _FakeOpenAI.mode = mode
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        proc = serve_cli("qa", "--qa", str(qa_file), "--samples", "2", "--endpoint", url, "--wait", "0")
+        with local_server(_FakeOpenAI) as url:
+            proc = serve_cli("qa", "--qa", str(qa_file), "--samples", "2", "--endpoint", url, "--wait", "0")
     finally:
         _FakeOpenAI.mode = "ok"
-        server.shutdown()
-        server.server_close()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"serve qa: error: {url}/v1: ") and error in last

@@ -10,10 +10,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ import yaml
 from llmops import config, dedup, docs_qa, io, text
 from llmops.stage import StageError
 from stages import docs_snapshot, synthetic
-from tests.conftest import ROOT, free_port, repo_params, write_params
+from tests.conftest import ROOT, JSONHandler, free_port, local_server, repo_params, write_params
 
 SNAPSHOT = json.loads((ROOT / "data" / "docs_snapshot.json").read_text(encoding="utf-8"))
 SNAPSHOT_TEXT = json.dumps(SNAPSHOT, ensure_ascii=False)
@@ -483,27 +481,16 @@ TOPICS = {
 }
 
 
-class FakeTeacher(BaseHTTPRequestHandler):
+class FakeTeacher(JSONHandler):
     """A minimal OpenAI-compatible server that counts chat requests and answers deterministically by seed."""
 
     chat_requests = 0
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self):
-        self._send({"object": "list", "data": [{"id": "fake-teacher", "object": "model", "owned_by": "t"}]})
+        self.send_json({"object": "list", "data": [{"id": "fake-teacher", "object": "model", "owned_by": "t"}]})
 
     def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        req = self.read_json()
         type(self).chat_requests += 1
         prompt = req["messages"][-1]["content"]
         korean = "Korean" in prompt
@@ -516,7 +503,7 @@ class FakeTeacher(BaseHTTPRequestHandler):
         else:
             q, a = TOPICS["ko" if korean else "en"][req["seed"] % 8]
             reply = f"Question: {q}\nAnswer: {a}"
-        self._send(
+        self.send_json(
             {
                 "id": "x",
                 "object": "chat.completion",
@@ -539,10 +526,8 @@ def _teacher_overrides(url: str, model: str, n: int, **kw) -> dict:
 
 
 def test_teacher_caches_responses_and_reruns_make_no_requests(tmp_path, base_model_dir):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with local_server(FakeTeacher) as base:
+        url = f"{base}/v1"
         params = _setup(tmp_path, base_model_dir, _teacher_overrides(url, "fake-teacher", 8))
         m = synthetic.main(str(params))
         assert FakeTeacher.chat_requests == 8 and m["run"] == {"teacher_requests": 8, "teacher_cache_hits": 0}
@@ -566,8 +551,6 @@ def test_teacher_caches_responses_and_reruns_make_no_requests(tmp_path, base_mod
         wrong = _setup(tmp_path, base_model_dir, _teacher_overrides(url, "not-served", 8, **{"seed": 5}))
         with pytest.raises(StageError, match="does not serve model 'not-served'.*synthetic.teacher.model"):
             synthetic.main(str(wrong))
-    finally:
-        server.shutdown()
 
 
 @pytest.fixture
