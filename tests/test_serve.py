@@ -706,9 +706,10 @@ def test_publish_pull_and_serve_end_to_end(repo_copy, tiny_model_dir, tmp_path):
     endpoint = f"http://127.0.0.1:{port}"
     log = (tmp_path / "vllm.log").open("w")
     env = clean_env(ENABLE_AUTH="1", API_KEY=SECRET, VLLM_CPU_KVCACHE_SPACE="1")
+    # After `--`, vLLM's own flags: eager (no inductor compile) starts ~90 s sooner on 2 cores (README "Publishing and serving")
     server = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--port", str(port), "--", "--enforce-eager"],  # vLLM flags after --: no
-        cwd=clone,  # inductor compile, a ~90 s shorter cold start on 2 cores (README "Publishing and serving")
+        [sys.executable, "-m", "serve", "--port", str(port), "--", "--enforce-eager"],
+        cwd=clone,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

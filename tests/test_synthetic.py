@@ -574,7 +574,8 @@ def vllm_teacher(base_model_dir, tmp_path):
             "--max-model-len",
             "1024",
             "--enforce-eager",  # no inductor compile: a ~90 s shorter cold start on 2 cores (README "Publishing and serving")
-            *(["--dtype", "float32"] if hardware.serving_dtype("auto", "cpu") == "float32" else []),  # as make serve
+            "--dtype",
+            hardware.serving_dtype("auto", "cpu"),  # as make serve: float32 where bf16 is emulated, else auto
         ],
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
         stdout=log,
